@@ -1,0 +1,3 @@
+from hybridstack.cli import main
+
+main()

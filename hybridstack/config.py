@@ -1,0 +1,330 @@
+"""Typed, validated experiment configuration.
+
+One TOML file per experiment. Every section is a pydantic model with
+``extra="forbid"``, so an unknown or misspelt key is an error that names it.
+Defaults carry a short note on why they are what they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hybridstack.errors import HybridstackError
+
+TaskKind = Literal["pairwise", "multilabel", "multiclass"]
+JIGSAW_LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+PAIRWISE_LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Section):
+    kind: TaskKind = "multiclass"
+    id_column: str = "id"
+    # multilabel/multiclass: the text column(s); several are joined with a newline.
+    text_columns: list[str] = ["text"]
+    # multilabel: the 0/1 label columns (default: the six Jigsaw labels).
+    label_columns: list[str] = Field(default_factory=lambda: list(JIGSAW_LABELS))
+    # multiclass: the one label column, any dtype (binary included).
+    label_column: str = "label"
+    # pairwise: the LMSYS field names.
+    prompt_column: str = "prompt"
+    response_columns: list[str] = ["response_a", "response_b"]
+    winner_columns: list[str] = Field(default_factory=lambda: list(PAIRWISE_LABELS))
+
+
+class CleanConfig(Section):
+    """Text cleaning as in the CleanSpeech report; every step can be switched off."""
+
+    lowercase: bool = False  # off: cased encoders and char n-grams use case (CAPS = shouting)
+    remove_urls: bool = True
+    remove_non_ascii: bool = False  # off: LMSYS has many non-English prompts
+    normalize_whitespace: bool = True
+    # exact de-duplication of train rows after cleaning (conflicting labels are reported)
+    dedup: bool = False
+
+
+class DataConfig(Section):
+    train: Path
+    test: Path | None = None
+    sample_submission: Path | None = None
+    # None: "," for .csv, tab for .tsv/.tab, else sniffed from the header line.
+    delimiter: str | None = None
+    # For header-less files: the column names in order (the first line is then data).
+    column_names: list[str] | None = None
+    clean: CleanConfig = CleanConfig()
+
+
+class CVConfig(Section):
+    n_splits: int = Field(5, ge=2, le=50)
+    seed: int = 42
+
+
+class LogRegModel(Section):
+    """One logistic-regression head over the shared TF-IDF matrix."""
+
+    name: str = "tfidf_logreg"
+    C: float = Field(4.0, gt=0)  # mild regularisation suits ~10^5 sparse features
+    class_weight: Literal["balanced"] | None = None
+    max_iter: int = Field(1000, gt=0)
+
+
+class TfidfConfig(Section):
+    enabled: bool = True
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] = (2, 5)
+    # caps keep the matrix (and LR time) bounded on 100k+ row competitions
+    max_word_features: int = Field(100_000, gt=0)
+    max_char_features: int = Field(200_000, gt=0)
+    min_df: int = Field(2, ge=1)
+    sublinear_tf: bool = True
+    # pairwise: train on A/B swapped too, and average swapped predictions at test time
+    swap_augment: bool = True
+    swap_tta: bool = True
+    models: list[LogRegModel] = Field(default_factory=lambda: [LogRegModel()])
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[LogRegModel]) -> list[LogRegModel]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+
+class LGBMHead(Section):
+    name: str = "lgbm"
+    num_leaves: int = Field(31, ge=2)
+    learning_rate: float = Field(0.05, gt=0)
+    n_estimators: int = Field(2000, ge=1)  # upper bound; early stopping picks the real count
+    min_child_samples: int = Field(20, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.5, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    early_stopping_rounds: int = Field(100, ge=1)
+
+
+class MLPHead(Section):
+    name: str = "mlp"
+    hidden_sizes: list[int] = [512, 128]
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(8, ge=1)
+
+
+class EmbedConfig(Section):
+    enabled: bool = True
+    # an id resolved offline (HF cache) or a local folder
+    model: str = "intfloat/e5-small-v2"
+    # short name used in model folder names, e.g. "e5" -> e5_lgbm; default derived from model
+    alias: str | None = None
+    prefix: str = "query: "  # e5 expects it; use "" for other encoders
+    max_seq_length: int = Field(512, ge=8)
+    normalize: bool = True
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float32", "float16"] = "float16"  # halves the cache; heads see float32
+    # None: <workdir>/cache/embeddings, shared by every experiment in the workdir
+    cache_dir: Path | None = None
+    knn: bool = True
+    knn_k: int = Field(20, ge=1)
+    knn_index: Literal["flat", "ivf"] = "flat"
+    length_features: bool = True
+    swap_augment: bool = True
+    swap_tta: bool = True
+    lgbm: list[LGBMHead] = Field(default_factory=lambda: [LGBMHead()])
+    mlp: list[MLPHead] = Field(default_factory=lambda: [MLPHead()])
+
+
+class FinetuneConfig(Section):
+    enabled: bool = True
+    model: str = "microsoft/deberta-v3-small"
+    name: str | None = None  # model folder name; default derived from the model id
+    max_length: int = Field(512, ge=16)
+    # pairwise: share of the token budget for prompt / response A / response B
+    segment_budget: tuple[float, float, float] = (0.2, 0.4, 0.4)
+    head_fraction: float = Field(0.5, ge=0, le=1)  # head+tail truncation: share kept from the head
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)  # per device
+    eval_batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["cosine", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighted_bce: bool = True
+    dropout: float | None = Field(None, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    patience: int = Field(2, ge=1)
+    folds: list[int] | None = None  # None: every fold; [0]: one 80/20 split
+    max_train_rows: int | None = Field(None, ge=1)  # subsample the training fold (CPU demos)
+    swap_augment: bool = True
+    swap_tta: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class StackConfig(Section):
+    enabled: bool = True
+    models: list[str] | None = None  # None: every finished base model
+    methods: list[Literal["weighted", "logreg", "lgbm"]] = ["weighted", "logreg", "lgbm"]
+    temperature: bool = True
+    meta_features: bool = False
+
+
+class Config(Section):
+    experiment: str = "experiment"
+    workdir: Path = Path(".")
+    task: TaskConfig = TaskConfig()
+    data: DataConfig
+    cv: CVConfig = CVConfig()
+    tfidf: TfidfConfig = TfidfConfig()
+    embed: EmbedConfig = EmbedConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    stack: StackConfig = StackConfig()
+
+    # -- derived locations ---------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "runs" / self.experiment
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        return self.embed.cache_dir or (self.workdir / "cache" / "embeddings")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (what a stage's DONE marker depends on)."""
+        dumped = {name: _jsonable(getattr(self, name)) for name in sections}
+        blob = json.dumps(dumped, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        return dump_toml(_jsonable(self))
+
+
+def _jsonable(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config, apply ``section.key=value`` overrides, validate.
+
+    Relative paths in ``[data]`` and ``workdir`` are resolved against the config
+    file's folder, so a config works from any current directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HybridstackError(f"config file not found: {path} (write one with `hybridstack init`)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise HybridstackError(f"{path}: invalid TOML: {err}") from None
+    raw.setdefault("experiment", path.stem)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, base_dir=path.parent, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), source: str = "config") -> Config:
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy; never mutate the caller's dict
+    _resolve_paths(raw, base_dir)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise HybridstackError(f"{source}: {_describe(err)}") from None
+    _check_files(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``--set a.b.c=value`` override; the value is parsed as TOML when it can be."""
+    if "=" not in item:
+        raise HybridstackError(f"--set {item!r}: expected section.key=value, e.g. finetune.lr=2e-5")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare string such as a path or model id
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise HybridstackError(f"--set {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    def resolve(value: Any) -> Any:
+        if value is None or value == "":
+            return value
+        p = Path(str(value)).expanduser()
+        return str(p if p.is_absolute() else base_dir / p)
+
+    raw["workdir"] = resolve(raw.get("workdir", "."))
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "test", "sample_submission"):
+            if key in data:
+                data[key] = resolve(data[key])
+    embed = raw.get("embed")
+    if isinstance(embed, dict) and embed.get("cache_dir"):
+        embed["cache_dir"] = resolve(embed["cache_dir"])
+    for section in ("embed", "finetune"):
+        sec = raw.get(section)
+        # a model given as a relative local folder is resolved like any other path
+        if isinstance(sec, dict) and isinstance(sec.get("model"), str):
+            candidate = base_dir / sec["model"]
+            if sec["model"].startswith((".", "/", "~")) or candidate.exists():
+                sec["model"] = resolve(sec["model"])
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{where}' (check the spelling; see configs/ for every key)"
+    if first["type"] == "missing":
+        return f"missing required config key '{where}'"
+    return f"config key '{where}': {first['msg']} (got {first.get('input')!r})"
+
+
+def _check_files(cfg: Config) -> None:
+    for key in ("train", "test", "sample_submission"):
+        p = getattr(cfg.data, key)
+        if p is not None and not Path(p).is_file():
+            raise HybridstackError(f"data.{key}: file not found: {p} (fix the path in the config)")
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """TOML text for a config snapshot; None values are dropped (an absent key means None)."""
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Stackers and blenders over out-of-fold probability matrices."""

@@ -1,0 +1,172 @@
+"""Opening an experiment: load and validate the data, write the snapshot and folds once.
+
+Every stage starts with :func:`open_experiment`. It refuses to reuse an experiment
+folder whose data, task or CV settings changed (stale folds would silently leak),
+and validates test ids against the sample submission before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from hybridstack.config import Config
+from hybridstack.errors import HybridstackError
+from hybridstack.folds import make_folds
+from hybridstack.runs import ExperimentDir, read_json, write_json, write_npy, write_text
+from hybridstack.tables import file_sha256, read_table
+from hybridstack.tasks import Dataset, Task, make_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    dir: ExperimentDir
+    task: Task
+    train: Dataset
+    test: Dataset | None
+    sample: pd.DataFrame | None
+    folds: np.ndarray  # (n_train,) int8 fold id
+    fingerprint: str  # hash of the input files and the settings that shape train rows
+
+    @property
+    def n_splits(self) -> int:
+        return int(self.folds.max()) + 1
+
+    def stage_hash(self, *sections: str) -> str:
+        """What a stage's DONE marker records: the data fingerprint + its config sections."""
+        blob = self.fingerprint + self.cfg.section_hash(*sections)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @cached_property
+    def test_ids(self) -> np.ndarray:
+        return self.test.ids if self.test is not None else np.array([], dtype=str)
+
+
+def open_experiment(cfg: Config) -> Experiment:
+    task = make_task(cfg)
+    train = task.parse(_read(cfg, cfg.data.train), labelled=True)
+    if cfg.data.clean.dedup:
+        train = deduplicate(task, train)
+    test = task.parse(_read(cfg, cfg.data.test), labelled=False) if cfg.data.test else None
+    sample = _read_sample(cfg, task, test)
+
+    exp_dir = ExperimentDir(cfg.run_dir)
+    dataset = _dataset_record(cfg, task, train, test)
+    _check_same_dataset(exp_dir, dataset)
+    write_json(exp_dir.dataset_path, dataset)
+    write_text(exp_dir.config_path, cfg.to_toml())
+    folds = _load_or_make_folds(exp_dir, cfg, task, train)
+    if test is None:
+        log.info("no test file: running cross-validation only (no submission.csv)")
+    return Experiment(cfg, exp_dir, task, train, test, sample, folds, dataset["fingerprint"])
+
+
+def _read(cfg: Config, path):
+    return read_table(path, cfg.data.delimiter, cfg.data.column_names)
+
+
+def _read_sample(cfg: Config, task: Task, test: Dataset | None) -> pd.DataFrame | None:
+    if cfg.data.sample_submission is None:
+        return None
+    sample = read_table(cfg.data.sample_submission).frame
+    id_col = cfg.task.id_column
+    if id_col not in sample.columns:
+        raise HybridstackError(
+            f"sample submission {cfg.data.sample_submission.name} has no id column '{id_col}'"
+        )
+    if test is not None:
+        sample_ids = set(sample[id_col].astype(str))
+        test_ids = set(test.ids)
+        if sample_ids != test_ids:
+            raise HybridstackError(
+                f"test ids differ from the sample submission's: {len(test_ids - sample_ids)} test ids "
+                f"not in it, {len(sample_ids - test_ids)} sample ids not in test; "
+                "use the matching test.csv and sample_submission.csv"
+            )
+    return sample
+
+
+def deduplicate(task: Task, train: Dataset) -> Dataset:
+    """Drop exact duplicate train rows after cleaning; report rows with conflicting labels."""
+    texts = task.joined_text(train)
+    by_text: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(texts):
+        by_text[t].append(i)
+    keep = np.array(sorted(rows[0] for rows in by_text.values()))
+    conflicts = sum(
+        1 for rows in by_text.values()
+        if len(rows) > 1 and not (train.Y[rows] == train.Y[rows[0]]).all()
+    )
+    n_dropped = len(train) - len(keep)
+    log.info("de-duplication: %d of %d train rows dropped as exact duplicates", n_dropped, len(train))
+    if conflicts:
+        log.warning("de-duplication: %d duplicated texts carry conflicting labels (first kept)",
+                    conflicts)
+    deduped = train.subset(keep)
+    deduped.stats.update(dedup_dropped=n_dropped, dedup_conflicts=conflicts)
+    return deduped
+
+
+def _dataset_record(cfg: Config, task: Task, train: Dataset, test: Dataset | None) -> dict:
+    files = {
+        key: {"path": str(path), "sha256": file_sha256(path)}
+        for key in ("train", "test", "sample_submission")
+        if (path := getattr(cfg.data, key)) is not None
+    }
+    # Everything that shapes the train rows, their target or their folds.
+    shape = {
+        "files": {k: v["sha256"] for k, v in files.items()},
+        "task": cfg.task.model_dump(mode="json"),
+        "read": {"delimiter": cfg.data.delimiter, "column_names": cfg.data.column_names},
+        "clean": cfg.data.clean.model_dump(mode="json"),
+        "cv": cfg.cv.model_dump(mode="json"),
+    }
+    fingerprint = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "fingerprint": fingerprint,
+        "files": files,
+        "task_kind": task.kind,
+        "label_names": task.label_names,
+        "n_train": len(train),
+        "n_test": 0 if test is None else len(test),
+        "train_stats": train.stats,
+        "test_stats": None if test is None else test.stats,
+        "shape": shape,
+    }
+
+
+def _check_same_dataset(exp_dir: ExperimentDir, dataset: dict) -> None:
+    if not exp_dir.dataset_path.is_file():
+        return
+    old = read_json(exp_dir.dataset_path)
+    if old.get("fingerprint") == dataset["fingerprint"]:
+        return
+    changed = [k for k in dataset["shape"] if old.get("shape", {}).get(k) != dataset["shape"][k]]
+    raise HybridstackError(
+        f"{exp_dir.path} was made from different inputs (changed: {', '.join(changed) or 'unknown'}); "
+        "its folds and models would be stale: use a new experiment name or delete that folder"
+    )
+
+
+def _load_or_make_folds(exp_dir: ExperimentDir, cfg: Config, task: Task, train: Dataset) -> np.ndarray:
+    if exp_dir.folds_path.is_file():
+        folds = np.load(exp_dir.folds_path)
+        if len(folds) == len(train):
+            return folds
+        raise HybridstackError(
+            f"{exp_dir.folds_path} has {len(folds)} rows but train has {len(train)}; "
+            "delete the experiment folder to start over"
+        )
+    folds = make_folds(task.stratify_target(train.Y), cfg.cv.n_splits, cfg.cv.seed, train.groups)
+    write_npy(exp_dir.folds_path, folds)
+    return folds

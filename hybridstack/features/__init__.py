@@ -1,0 +1,1 @@
+"""Pure feature transforms: text cleaning, TF-IDF, embeddings cache, kNN, lengths."""

@@ -1,0 +1,188 @@
+"""The head protocol and the one shared cross-validation loop, :func:`fit_oof`.
+
+A head is a scikit-learn style estimator: ``__init__`` stores keyword arguments,
+``fit(X, Y, X_val=None, Y_val=None)`` returns self (the validation pair is for early
+stopping), ``predict_proba(X)`` returns float32 ``(n, C)``. ``Y`` is always the
+float32 ``(n, C)`` target: one-hot for single-label tasks, 0/1 columns for multilabel.
+Heads never own a CV loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import clone
+
+from hybridstack.folds import fold_rows
+from hybridstack.runs import write_joblib, write_with
+
+log = logging.getLogger(__name__)
+
+
+class Head(Protocol):
+    def fit(self, X: Any, Y: np.ndarray, X_val: Any = None, Y_val: np.ndarray | None = None) -> Head: ...
+
+    def predict_proba(self, X: Any) -> np.ndarray: ...
+
+
+@dataclass
+class SwapView:
+    """An equivalent view of every row with two inputs swapped (pairwise A/B).
+
+    ``permutation`` maps label columns of the swapped view back to the original
+    (pairwise: [1, 0, 2] swaps winner_a and winner_b). Used for augmentation
+    (train on both views) and test-time averaging (average both views' predictions).
+    """
+
+    X: Any  # (n_train, d) swapped train features
+    X_test: Any | None
+    permutation: list[int]
+    augment: bool = True
+    tta: bool = True
+
+
+@dataclass
+class OOFResult:
+    oof: np.ndarray  # (n_train, C) float32; NaN rows were never validated
+    test_pred: np.ndarray | None  # (n_test, C) float32, mean over fold models
+    fold_scores: dict[int, float]
+    fold_info: dict[int, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class FoldStore:
+    """Saves each finished fold (model + predictions) so an interrupted stage resumes.
+
+    ``fold_<k>/model.joblib`` is the fitted head; ``fold_<k>/pred.npz`` its validation
+    and test predictions. A fold counts as finished only when ``pred.npz`` exists and
+    was written for the same config hash; it is written last, atomically.
+    """
+
+    def __init__(self, model_path: Path, config_hash: str):
+        self.model_path = Path(model_path)
+        self.config_hash = config_hash
+
+    def _dir(self, k: int) -> Path:
+        return self.model_path / f"fold_{k}"
+
+    def load(self, k: int) -> tuple[np.ndarray, np.ndarray | None, dict] | None:
+        pred_path = self._dir(k) / "pred.npz"
+        if not pred_path.is_file():
+            return None
+        with np.load(pred_path, allow_pickle=False) as data:
+            if str(data["config_hash"]) != self.config_hash:
+                return None
+            test = data["test"] if data["test"].size else None
+            info = {"seconds": float(data["seconds"]), "best_iteration": int(data["best_iteration"])}
+            return data["valid"], test, info
+
+    def save(self, k: int, head: Any, valid: np.ndarray, test: np.ndarray | None, info: dict) -> None:
+        write_joblib(self._dir(k) / "model.joblib", head)
+        empty = np.zeros((0, valid.shape[1]), dtype=np.float32)
+        arrays = {
+            "valid": valid,
+            "test": empty if test is None else test,
+            "config_hash": np.array(self.config_hash),
+            "seconds": np.array(info.get("seconds", 0.0)),
+            "best_iteration": np.array(info.get("best_iteration") or -1),
+        }
+        write_with(self._dir(k) / "pred.npz", lambda fh: np.savez(fh, **arrays))
+
+
+def _rows(X: Any, rows: np.ndarray) -> Any:
+    return X[rows]
+
+
+def _stack(a: Any, b: Any) -> Any:
+    return sp.vstack([a, b], format="csr") if sp.issparse(a) else np.concatenate([a, b])
+
+
+def predict_views(head: Head, X: Any, X_swapped: Any | None, permutation: list[int] | None) -> np.ndarray:
+    """Predict, averaging with the swapped view (columns permuted back) when given."""
+    pred = head.predict_proba(X).astype(np.float32)
+    if X_swapped is not None and permutation is not None:
+        pred = (pred + head.predict_proba(X_swapped).astype(np.float32)[:, permutation]) / 2
+    return pred
+
+
+def fit_oof(
+    head: Head,
+    X: Any,
+    Y: np.ndarray,
+    folds: np.ndarray,
+    X_test: Any | None = None,
+    *,
+    score: Callable[[np.ndarray, np.ndarray], float],
+    swap: SwapView | None = None,
+    store: FoldStore | None = None,
+    only_folds: list[int] | None = None,
+) -> OOFResult:
+    """Cross-validate ``head`` on the given folds.
+
+    Parameters
+    ----------
+    head : unfitted estimator; cloned per fold.
+    X : (n_train, d) features (dense or sparse). Y : (n_train, C) float32 target.
+    folds : (n_train,) int fold id. X_test : (n_test, d) or None.
+    score : the task metric, ``score(Y, P)``.
+    swap : optional swapped view for augmentation / test-time averaging.
+    store : optional FoldStore; finished folds are loaded instead of refitted.
+    only_folds : train only these folds; other OOF rows stay NaN.
+
+    Returns
+    -------
+    OOFResult with OOF rows of each held-out fold filled, test predictions
+    averaged over the fold models, and per-fold scores.
+    """
+    n_classes = Y.shape[1]
+    oof = np.full((len(Y), n_classes), np.nan, dtype=np.float32)
+    test_sum = None
+    fold_scores: dict[int, float] = {}
+    fold_info: dict[int, dict[str, Any]] = {}
+    started = time.perf_counter()
+    run_folds = sorted(set(folds.tolist())) if only_folds is None else sorted(only_folds)
+    for k in run_folds:
+        train_rows, valid_rows = fold_rows(folds, k)
+        saved = store.load(k) if store is not None else None
+        if saved is not None:
+            valid_pred, test_pred, info = saved
+            log.info("fold %d: loaded finished fold from %s", k, store.model_path.name)
+        else:
+            fold_start = time.perf_counter()
+            X_fit, Y_fit = _rows(X, train_rows), Y[train_rows]
+            if swap is not None and swap.augment:
+                X_fit = _stack(X_fit, _rows(swap.X, train_rows))
+                Y_fit = np.concatenate([Y_fit, Y_fit[:, swap.permutation]])
+            model = clone(head)
+            model.fit(X_fit, Y_fit, _rows(X, valid_rows), Y[valid_rows])
+            use_tta = swap is not None and swap.tta
+            valid_pred = predict_views(
+                model, _rows(X, valid_rows),
+                _rows(swap.X, valid_rows) if use_tta else None,
+                swap.permutation if use_tta else None,
+            )
+            test_pred = None
+            if X_test is not None:
+                test_pred = predict_views(
+                    model, X_test, swap.X_test if use_tta else None,
+                    swap.permutation if use_tta else None,
+                )
+            info = {"seconds": round(time.perf_counter() - fold_start, 3),
+                    "best_iteration": getattr(model, "best_iteration_", None)}
+            if store is not None:
+                store.save(k, model, valid_pred, test_pred, info)
+        oof[valid_rows] = valid_pred
+        if test_pred is not None:
+            test_sum = test_pred.astype(np.float64) if test_sum is None else test_sum + test_pred
+        fold_scores[k] = score(Y[valid_rows], valid_pred)
+        fold_info[k] = info
+        log.info("fold %d: score %.5f (%.1fs)", k, fold_scores[k], info.get("seconds", 0.0))
+    test_mean = None if test_sum is None else (test_sum / len(run_folds)).astype(np.float32)
+    return OOFResult(oof, test_mean, fold_scores, fold_info, time.perf_counter() - started)

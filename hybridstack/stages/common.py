@@ -1,0 +1,132 @@
+"""What every stage shares: saving a model's outputs, skip checks, the submission."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from hybridstack.config import Config, load_config
+from hybridstack.errors import HybridstackError
+from hybridstack.experiment import Experiment
+from hybridstack.heads.base import OOFResult
+from hybridstack.runs import ModelDir, write_json, write_npy, write_text
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("numpy", "scikit-learn", "lightgbm", "torch", "transformers",
+              "sentence-transformers", "accelerate", "faiss-cpu")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def skip_if_done(model: ModelDir, config_hash: str) -> bool:
+    """True (and logs) when ``model`` is DONE for this exact config; else clears a stale DONE."""
+    if model.is_done(config_hash):
+        log.info("%s: DONE with the same config, skipped", model.name)
+        return True
+    model.clear_done()
+    return False
+
+
+def save_model_outputs(
+    exp: Experiment,
+    model: ModelDir,
+    result: OOFResult,
+    settings: dict[str, Any],
+    config_hash: str,
+) -> dict[str, Any]:
+    """Write oof.npy, test.npy, scores.json and config.json, then DONE (last)."""
+    covered = ~np.isnan(result.oof).any(axis=1)
+    overall = exp.task.metrics(exp.train.Y[covered], result.oof[covered])
+    scores = {
+        "metric_name": exp.task.metric_name,
+        "greater_is_better": exp.task.greater_is_better,
+        "overall": overall["metric"],
+        "extra": {k: v for k, v in overall.items() if k != "metric"},
+        "per_fold": {str(k): v for k, v in result.fold_scores.items()},
+        "fold_info": {str(k): v for k, v in result.fold_info.items()},
+        "rows_validated": int(covered.sum()),
+        "seconds": round(result.seconds, 3),
+    }
+    write_npy(model.oof_path, result.oof.astype(np.float32))
+    if result.test_pred is not None:
+        write_npy(model.test_path, result.test_pred.astype(np.float32))
+    write_json(model.scores_path, scores)
+    write_json(model.config_path, {"settings": settings, "versions": library_versions(),
+                                   "label_names": exp.task.label_names})
+    model.mark_done(config_hash)
+    print(f"{model.name}: CV {exp.task.metric_name} = {scores['overall']:.5f} "
+          f"({scores['rows_validated']} rows, {scores['seconds']:.1f}s)")
+    return scores
+
+
+def best_model(exp: Experiment) -> ModelDir | None:
+    """The finished base model with the best overall CV score (that has test predictions)."""
+    best, best_score = None, None
+    for model in exp.dir.finished_models():
+        if not model.test_path.is_file():
+            continue
+        score = model.load_scores()["overall"]
+        if best_score is None or exp.task.is_better(score, best_score):
+            best, best_score = model, score
+    return best
+
+
+def write_submission(exp: Experiment, test_pred: np.ndarray, source: str) -> None:
+    """Validate and atomically write submission.csv in the sample's id and column order."""
+    if exp.test is None:
+        return
+    sub = exp.task.submission_frame(exp.test.ids, test_pred, exp.sample)
+    exp.task.validate_submission(sub, exp.sample, exp.test.ids)
+    write_text(exp.dir.submission_path, sub.to_csv(index=False))
+    print(f"submission ({source}) -> {exp.dir.submission_path}")
+
+
+def write_best_submission(exp: Experiment) -> None:
+    """After a base stage: the submission from the best base model so far (the stacker overrides)."""
+    if exp.test is None:
+        print("no test file: cross-validation only, no submission written")
+        return
+    if exp.dir.stack.is_done():
+        return  # the stacker's blend is the submission; a base stage never downgrades it
+    best = best_model(exp)
+    if best is not None:
+        write_submission(exp, best.load_test(), f"best model so far: {best.name}")
+
+
+def stage_main(stage: str, run) -> None:
+    """``python -m hybridstack.stages.<stage> -c cfg.toml [--set k=v]`` entry point."""
+    from hybridstack.cli import run_guarded, setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m hybridstack.stages.{stage}")
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    setup_logging()
+    sys.exit(run_guarded(lambda: run(load_config(args.config, args.set))))
+
+
+def require_enabled(cfg: Config, section: str) -> bool:
+    if not getattr(cfg, section).enabled:
+        print(f"{section}: disabled in the config ({section}.enabled = false), skipped")
+        return False
+    return True
+
+
+__all__ = ["HybridstackError", "best_model", "library_versions", "require_enabled",
+           "save_model_outputs", "skip_if_done", "stage_main", "write_best_submission",
+           "write_submission"]

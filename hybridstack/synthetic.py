@@ -1,0 +1,135 @@
+"""Small synthetic competitions of each task kind, with a learnable signal.
+
+Used by ``hybridstack demo`` and the tests. Labels depend on the words in the text
+(plus a little label noise), so every model can beat the prior but none is perfect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hybridstack.config import JIGSAW_LABELS, PAIRWISE_LABELS
+
+_NEUTRAL = (
+    "the a of to and in is it that for on with as was this be are by at from have not or "
+    "article page edit talk wiki source section thanks please about would could there"
+).split()
+_TOPICS = {
+    "sports": "match goal team coach league season score player stadium referee".split(),
+    "tech": "software code laptop server cloud python network chip data update".split(),
+    "food": "recipe pasta bake oven spice flavor dinner kitchen sauce fresh".split(),
+}
+_LABEL_WORDS = {
+    "toxic": "stupid idiot dumb moron loser".split(),
+    "severe_toxic": "scum vermin garbage filth".split(),
+    "obscene": "crap damn frigging bloody".split(),
+    "threat": "hurt punch destroy smash".split(),
+    "insult": "fool clown pathetic ugly".split(),
+    "identity_hate": "outsiders foreigners heathens".split(),
+}
+_GOOD = "clearly detailed example steps because therefore explain accurate helpful".split()
+_BAD = "dunno whatever maybe idk unclear".split()
+
+
+def _words(rng: np.random.Generator, pool: list[str], n: int) -> list[str]:
+    return list(rng.choice(pool, size=n))
+
+
+def _sentence(rng: np.random.Generator, extra: list[str], n_neutral: int) -> str:
+    words = _words(rng, _NEUTRAL, n_neutral) + extra
+    rng.shuffle(words)
+    return " ".join(words).capitalize() + "."
+
+
+def multiclass_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    topics = list(_TOPICS)
+    rows = []
+    for i in range(n):
+        label = topics[int(rng.integers(len(topics)))]
+        true = label if rng.random() > 0.1 else topics[int(rng.integers(len(topics)))]
+        text = _sentence(rng, _words(rng, _TOPICS[true], int(rng.integers(1, 4))), int(rng.integers(6, 14)))
+        rows.append({"id": f"mc{i}", "text": text, "label": label})
+    return pd.DataFrame(rows)
+
+
+def multilabel_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rates = {"toxic": 0.35, "severe_toxic": 0.08, "obscene": 0.2, "threat": 0.06, "insult": 0.18,
+             "identity_hate": 0.06}
+    rows = []
+    for i in range(n):
+        labels = {name: int(rng.random() < rate) for name, rate in rates.items()}
+        extra = []
+        for name, on in labels.items():
+            if on and rng.random() > 0.1:  # 10% of positives carry no trigger word
+                extra += _words(rng, _LABEL_WORDS[name], int(rng.integers(1, 3)))
+        rows.append({"id": f"ml{i:05d}", "comment_text": _sentence(rng, extra, int(rng.integers(5, 15))),
+                     **labels})
+    return pd.DataFrame(rows, columns=["id", "comment_text", *JIGSAW_LABELS])
+
+
+def _response(rng: np.random.Generator, quality: float) -> list[str | None]:
+    n_good = int(round(quality * 4))
+    words = _words(rng, _GOOD, n_good) + _words(rng, _BAD, 4 - n_good)
+    turns = [_sentence(rng, words, int(rng.integers(4, 10 + 10 * quality)))]
+    if rng.random() < 0.2:  # some multi-turn rows, occasionally with a null turn
+        turns.append(None if rng.random() < 0.3 else _sentence(rng, _words(rng, _GOOD, 1), 5))
+    return turns
+
+
+def pairwise_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    prompts = [_sentence(rng, _words(rng, sum(_TOPICS.values(), []), 2), 5) + " Explain?"
+               for _ in range(max(4, n // 3))]  # prompts repeat, as on LMSYS
+    rows = []
+    for i in range(n):
+        prompt = prompts[int(rng.integers(len(prompts)))]
+        qa, qb = rng.random(), rng.random()
+        gap = qa - qb + rng.normal(0, 0.15)
+        winner = 2 if abs(gap) < 0.15 else (0 if gap > 0 else 1)
+        onehot = [int(winner == j) for j in range(3)]
+        rows.append({
+            "id": i, "model_a": "model-x", "model_b": "model-y",
+            "prompt": json.dumps([prompt]),
+            "response_a": json.dumps(_response(rng, qa)),
+            "response_b": json.dumps(_response(rng, qb)),
+            **dict(zip(PAIRWISE_LABELS, onehot)),
+        })
+    return pd.DataFrame(rows)
+
+
+_FRAMES = {"multiclass": multiclass_frame, "multilabel": multilabel_frame, "pairwise": pairwise_frame}
+_TASK_SECTIONS = {
+    "multiclass": {"kind": "multiclass", "text_columns": ["text"], "label_column": "label"},
+    "multilabel": {"kind": "multilabel", "text_columns": ["comment_text"]},
+    "pairwise": {"kind": "pairwise"},
+}
+
+
+def write_competition(folder: str | Path, kind: str, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """Write train.csv, test.csv and sample_submission.csv; return the [task]/[data] config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = _FRAMES[kind](n_train + n_test, seed)
+    train, test = full.iloc[:n_train], full.iloc[n_train:]
+    train.to_csv(folder / "train.csv", index=False)
+    task = _TASK_SECTIONS[kind]
+    if kind == "pairwise":
+        label_cols, text_cols = list(PAIRWISE_LABELS), ["prompt", "response_a", "response_b"]
+    elif kind == "multilabel":
+        label_cols, text_cols = list(JIGSAW_LABELS), ["comment_text"]
+    else:
+        label_cols, text_cols = sorted(train["label"].unique()), ["text"]
+    test[["id", *text_cols]].to_csv(folder / "test.csv", index=False)
+    sample = pd.DataFrame({"id": test["id"].to_numpy()})
+    for col in label_cols:
+        sample[col] = 1.0 / len(label_cols) if kind != "multilabel" else 0.5
+    sample.to_csv(folder / "sample_submission.csv", index=False)
+    data = {"train": str(folder / "train.csv"), "test": str(folder / "test.csv"),
+            "sample_submission": str(folder / "sample_submission.csv")}
+    return {"task": dict(task), "data": data}

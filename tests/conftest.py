@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny synthetic competitions written to tmp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from hybridstack.config import Config, config_from_dict
+from hybridstack.synthetic import write_competition
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Fast defaults for tests: small folds and vectorizers, later stages off unless a test enables them.
+FAST = {
+    "cv": {"n_splits": 3},
+    "tfidf": {"max_word_features": 2000, "max_char_features": 4000, "min_df": 1},
+    "embed": {"enabled": False},
+    "finetune": {"enabled": False},
+    "stack": {"enabled": False},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """``make_config(kind, n_train=120, n_test=40, **sections)`` -> (Config, path to its TOML)."""
+
+    def factory(kind: str, n_train: int = 120, n_test: int = 40, seed: int = 0,
+                **sections) -> tuple[Config, Path]:
+        data_dir = tmp_path / f"data_{kind}"
+        raw = write_competition(data_dir, kind, n_train, n_test, seed=seed)
+        raw = _merge(_merge(FAST, raw), sections)
+        raw.setdefault("experiment", f"exp_{kind}")
+        raw["workdir"] = str(tmp_path / "work")
+        path = tmp_path / f"{raw['experiment']}.toml"
+        path.write_text(tomli_w.dumps(raw))
+        return config_from_dict(raw), path
+
+    return factory
