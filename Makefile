@@ -1,0 +1,27 @@
+# Common tasks. `make test` is what CI runs (after `make install`).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test test-all test-slow lint bench
+
+install:  ## torch first (the CPU build 2.13.0), then the package pinned by constraints.txt
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test]"
+
+demo:
+	hybridstack demo --workdir demo-runs
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-all:  ## the default suite plus the slow real-data and multi-process tests (what CI runs)
+	$(PYTHON) -m pytest -q -m "not gpu"
+
+test-slow:
+	$(PYTHON) -m pytest -q -m slow
+
+lint:
+	ruff check hybridstack tests bench
+
+bench:
+	$(PYTHON) bench/run_all.py
