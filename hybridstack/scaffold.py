@@ -1,0 +1,462 @@
+"""``hybridstack init``: write a ready config for a Kaggle-style competition folder.
+
+Detection reads only the first few thousand rows of the train file. It works from
+the column names first (the LMSYS and Jigsaw layouts, common names such as
+``text`` or ``label``) and falls back to the data (the longest text column, a column
+with few distinct values). Anything it cannot decide alone is an error that names
+the flag to set. The written config is validated before it is written, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hybridstack.config import (
+    JIGSAW_LABELS,
+    PAIRWISE_LABELS,
+    apply_override,
+    config_from_dict,
+    dump_toml,
+)
+from hybridstack.errors import HybridstackError, one_line
+from hybridstack.models import EMBEDDED_MINILM, find_model
+from hybridstack.runs import write_text
+from hybridstack.tables import guess_delimiter
+
+DETECT_ROWS = 5000  # enough rows to judge column types without parsing a 1 GB train file
+TRAIN_FILES = ("train.csv", "train.tsv")
+TEST_FILES = ("test.csv", "test.tsv")
+SAMPLE_FILES = ("sample_submission.csv", "sample_submission.tsv")
+
+PAIRWISE_TEXT = ["prompt", "response_a", "response_b"]
+ID_NAMES = {"id", "qid", "row_id", "uid", "index"}
+TEXT_NAMES = {"text", "comment_text", "comment", "review", "review_text", "sentence", "content",
+              "body", "document", "message", "tweet", "full_text", "essay", "excerpt"}
+LABEL_NAMES = {"label", "labels", "target", "class", "y", "category", "sentiment", "polarity",
+               "rating", "stance", "intent", "topic"}
+MAX_CLASSES = 50  # a column with more distinct values is not taken for a class label
+
+# Reference models (DESIGN.md) and the embedded fallback that ships with the package.
+REFERENCE_EMBED = ("intfloat/e5-small-v2", "query: ")  # e5 was trained with this prefix
+REFERENCE_FINETUNE = {"pairwise": "microsoft/deberta-v3-small",
+                      "multiclass": "microsoft/deberta-v3-small",
+                      "multilabel": "microsoft/mdeberta-v3-base"}  # multilingual toxicity
+
+# Without a GPU: one fold, short inputs, a 2000-row subsample, so a fine-tune takes minutes.
+CPU_FINETUNE: dict[str, Any] = {"folds": [0], "max_length": 128, "epochs": 1,
+                                "max_train_rows": 2000, "batch_size": 16, "lr": 5e-5}
+# With a GPU (a T4 or better): the full recipe on every fold.
+GPU_FINETUNE: dict[str, dict[str, Any]] = {
+    # three segments (prompt, two responses) need a long budget; accumulation keeps T4 memory low
+    "pairwise": {"max_length": 1024, "epochs": 2, "batch_size": 4, "grad_accum": 4, "lr": 2e-5},
+    # toxic comments are short: 256 tokens cover almost all of them
+    "multilabel": {"max_length": 256, "epochs": 2, "batch_size": 16, "lr": 2e-5},
+    "multiclass": {"max_length": 512, "epochs": 3, "batch_size": 8, "lr": 2e-5},
+}
+
+
+# -- finding and reading the files --------------------------------------------------------
+
+
+@dataclass
+class CompetitionFiles:
+    train: Path
+    test: Path | None
+    sample_submission: Path | None
+
+
+def find_competition_files(folder: Path) -> CompetitionFiles:
+    """The train file (required), test file and sample submission in ``folder``."""
+    if not folder.is_dir():
+        raise HybridstackError(f"competition folder not found: {folder} (pass the folder that holds train.csv)")
+
+    def first(names: tuple[str, ...]) -> Path | None:
+        return next((folder / n for n in names if (folder / n).is_file()), None)
+
+    train = first(TRAIN_FILES)
+    if train is None:
+        raise HybridstackError(f"{folder} has no {' or '.join(TRAIN_FILES)}; pass a Kaggle-style competition folder")
+    return CompetitionFiles(train, first(TEST_FILES), first(SAMPLE_FILES))
+
+
+def read_head(path: Path, delimiter: str | None = None, column_names: list[str] | None = None,
+              nrows: int = DETECT_ROWS) -> pd.DataFrame:
+    """The first ``nrows`` rows as strings, read with the same rules as ``tables.read_table``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``(min(nrows, n_rows), n_columns)``, every cell a ``str`` (missing cells are "").
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        first_line = fh.readline()
+    if not first_line.strip():
+        raise HybridstackError(f"{path} is empty or starts with a blank line: it needs a header line and rows")
+    sep = delimiter or guess_delimiter(path, first_line)
+    try:
+        frame = pd.read_csv(path, sep=sep, nrows=nrows, dtype=str, keep_default_na=False,
+                            encoding="utf-8-sig", encoding_errors="replace",
+                            header=None if column_names else "infer", names=column_names)
+    except (pd.errors.ParserError, ValueError) as err:
+        raise HybridstackError(f"{path}: cannot parse as delimited text ({one_line(err)}); pass --delimiter") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if frame.empty:
+        raise HybridstackError(f"{path} has a header but no rows")
+    return frame
+
+
+def check_header(path: Path, columns: list[str]) -> None:
+    """Refuse a first line that looks like data rather than column names."""
+    suspicious = [c for c in columns if _looks_like_data(c)]
+    if len(columns) != len(set(columns)) or suspicious:
+        shown = repr(suspicious[0][:40]) if suspicious else "duplicate names"
+        raise HybridstackError(
+            f"{path.name}: the first line looks like data, not a header ({shown}); if the file has no "
+            "header row, pass --no-header --columns NAME,NAME,..."
+        )
+
+
+def _looks_like_data(name: str) -> bool:
+    if name == "" or name.startswith("Unnamed:") or len(name) > 64 or len(name.split()) > 4:
+        return True
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
+
+
+# -- detection ----------------------------------------------------------------------------
+
+
+@dataclass
+class Detection:
+    """What ``init`` found: the task kind and the role of each column, with the reasons."""
+
+    kind: str
+    id_column: str
+    text_columns: list[str]  # pairwise: prompt, response A, response B
+    label_columns: list[str]  # pairwise: the 3 winner columns; multiclass: the one label column
+    reasons: list[str] = field(default_factory=list)
+
+    def task_section(self) -> dict[str, Any]:
+        section: dict[str, Any] = {"kind": self.kind, "id_column": self.id_column}
+        if self.kind == "pairwise":
+            section.update(prompt_column=self.text_columns[0], response_columns=self.text_columns[1:],
+                           winner_columns=self.label_columns)
+        elif self.kind == "multilabel":
+            section.update(text_columns=self.text_columns, label_columns=self.label_columns)
+        else:
+            section.update(text_columns=self.text_columns, label_column=self.label_columns[0])
+        return section
+
+
+@dataclass
+class DetectionHints:
+    """The user's flags; anything given here is taken as is, never second-guessed."""
+
+    kind: str | None = None
+    id_column: str | None = None
+    text_columns: list[str] = field(default_factory=list)
+    label_columns: list[str] = field(default_factory=list)
+
+
+def detect(train: pd.DataFrame, test_columns: list[str] | None, hints: DetectionHints) -> Detection:
+    """Decide the task kind and the id, text and label columns from the first train rows.
+
+    Parameters
+    ----------
+    train : pandas.DataFrame
+        ``(n_rows, n_columns)`` head of the train file, cells as ``str``.
+    test_columns : list of str or None
+        The test file's columns (labels are the train columns missing from it), if any.
+    hints : DetectionHints
+        The user's flags.
+    """
+    columns = list(train.columns)
+    _require(columns, [c for c in [hints.id_column, *hints.text_columns, *hints.label_columns] if c])
+    kind, why = _detect_kind(columns, hints)
+    id_column = hints.id_column or _detect_id(train)
+    if kind == "pairwise":
+        text = hints.text_columns or PAIRWISE_TEXT
+        labels = hints.label_columns or list(PAIRWISE_LABELS)
+        _require(columns, text + labels, flag="--text-column (3 times) and --label-column (3 times)")
+        if len(text) != 3 or len(labels) != 3:
+            raise HybridstackError("pairwise needs 3 --text-column (prompt, response A, response B) "
+                                   "and 3 --label-column (A wins, B wins, tie)")
+        reasons = [why, f"labels: {', '.join(labels)}", f"text: {', '.join(text)}"]
+        return Detection(kind, id_column, list(text), list(labels), reasons)
+    candidates = [c for c in columns if c != id_column and c not in hints.text_columns
+                  and (test_columns is None or c not in test_columns)]
+    if hints.label_columns:
+        labels = list(hints.label_columns)
+    elif kind == "multilabel":
+        labels = _detect_multilabel(train, candidates)
+    else:
+        labels = [_detect_label(train, candidates, test_columns is not None)]
+    text = hints.text_columns or [_detect_text(train, [c for c in columns if c != id_column and c not in labels
+                                                       and (test_columns is None or c in test_columns)])]
+    reasons = [why, f"labels: {', '.join(labels)}", f"text: {', '.join(text)}"]
+    return Detection(kind, id_column, text, labels, reasons)
+
+
+def _require(columns: list[str], needed: list[str], flag: str = "the column flags") -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise HybridstackError(f"train file has no column(s) {', '.join(map(repr, missing))} "
+                               f"(found {', '.join(columns[:10])}); check {flag}")
+
+
+def _detect_kind(columns: list[str], hints: DetectionHints) -> tuple[str, str]:
+    if hints.kind:
+        return hints.kind, f"kind {hints.kind} (--kind)"
+    if len(hints.label_columns) == 3 and len(hints.text_columns) == 3:
+        return "pairwise", "kind pairwise (3 text and 3 label columns given)"
+    if len(hints.label_columns) > 1:
+        return "multilabel", "kind multilabel (several --label-column given)"
+    if len(hints.label_columns) == 1:
+        return "multiclass", "kind multiclass (one --label-column given)"
+    pairwise_columns = PAIRWISE_TEXT + PAIRWISE_LABELS
+    found = [c for c in pairwise_columns if c in columns]
+    if len(found) == len(pairwise_columns):
+        return "pairwise", "kind pairwise (LMSYS layout: prompt, response_a/b, winner_model_a/b/tie)"
+    if set(PAIRWISE_LABELS) & set(found):
+        missing = [c for c in pairwise_columns if c not in columns]
+        raise HybridstackError(f"looks like an LMSYS file but lacks {', '.join(missing)}; pass --kind pairwise "
+                               "with 3 --text-column and 3 --label-column")
+    if all(c in columns for c in JIGSAW_LABELS):
+        return "multilabel", "kind multilabel (Jigsaw layout: the six toxicity labels)"
+    return "multiclass", "kind multiclass (one text and one label column; pass --kind to change)"
+
+
+def _detect_id(train: pd.DataFrame) -> str:
+    named = [c for c in train.columns if c.lower() in ID_NAMES or c.lower().endswith("_id")]
+    exact = [c for c in named if c.lower() == "id"]
+    candidates = exact or [c for c in named if train[c].is_unique]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise HybridstackError("no id column found (a unique column named id); pass --id-column "
+                               "(every row needs a unique id: add one to the CSV if it has none)")
+    raise HybridstackError(f"several candidate id columns ({', '.join(candidates)}); pass --id-column")
+
+
+def _is_binary(values: pd.Series) -> bool:
+    return bool(values.str.strip().isin(["0", "1"]).all())
+
+
+def _detect_multilabel(train: pd.DataFrame, candidates: list[str]) -> list[str]:
+    if all(c in train.columns for c in JIGSAW_LABELS):
+        return list(JIGSAW_LABELS)
+    binary = [c for c in candidates if _is_binary(train[c])]
+    if len(binary) < 2:
+        raise HybridstackError("multilabel needs several 0/1 label columns; found "
+                               f"{binary or 'none'}; pass --label-column once per label")
+    return binary
+
+
+def _detect_label(train: pd.DataFrame, candidates: list[str], from_test: bool) -> str:
+    """One label column: the only train-only column, a conventional name, or few distinct values."""
+    if from_test and len(candidates) == 1:
+        return candidates[0]
+    named = [c for c in candidates if c.lower() in LABEL_NAMES]
+    if len(named) > 1:
+        raise HybridstackError(f"several candidate label columns ({', '.join(named)}); pass --label-column")
+    if named:
+        return named[0]
+    few_values = [c for c in candidates
+                  if 2 <= train[c].nunique() <= MAX_CLASSES and train[c].nunique() < 0.5 * len(train)]
+    if len(few_values) == 1:
+        return few_values[0]
+    if not few_values:
+        raise HybridstackError("no label column found (named label/target/class, or with few distinct "
+                               "values); pass --label-column")
+    raise HybridstackError(f"several candidate label columns ({', '.join(few_values)}); pass --label-column "
+                           "(repeat it with --kind multilabel for several 0/1 labels)")
+
+
+def _detect_text(train: pd.DataFrame, candidates: list[str]) -> str:
+    """The text column: a conventional name, else the longest strings on average."""
+    named = [c for c in candidates if c.lower() in TEXT_NAMES]
+    if len(named) > 1:
+        raise HybridstackError(f"several candidate text columns ({', '.join(named)}); pass --text-column "
+                               "(repeat it to join several)")
+    if named:
+        return named[0]
+    textual = [c for c in candidates if pd.to_numeric(train[c], errors="coerce").isna().any()]
+    if not textual:
+        raise HybridstackError("no text column found (all remaining columns are numeric); pass --text-column")
+    return max(textual, key=lambda c: train[c].str.len().mean())
+
+
+def check_other_files(files: CompetitionFiles, det: Detection, delimiter: str | None) -> None:
+    """The test file must hold the id and text columns; the sample submission the id."""
+    if files.test is not None:
+        test_columns = read_head(files.test, delimiter, nrows=1).columns
+        missing = [c for c in [det.id_column, *det.text_columns] if c not in test_columns]
+        if missing:
+            raise HybridstackError(f"{files.test.name} has no column(s) {', '.join(map(repr, missing))}; pass "
+                                   "--id-column/--text-column with columns that train and test both have")
+    if files.sample_submission is not None:
+        sample_columns = read_head(files.sample_submission, nrows=1).columns
+        if det.id_column not in sample_columns:
+            raise HybridstackError(f"{files.sample_submission.name} has no id column {det.id_column!r}; "
+                                   "pass --id-column")
+
+
+# -- models and recipe --------------------------------------------------------------------
+
+
+def choose_model(reference: str, key: str) -> tuple[str, str]:
+    """``reference`` when it resolves offline, else the embedded MiniLM; with the reason."""
+    found = find_model(reference)
+    if found is not None:
+        return reference, f"{key} = {reference} (found at {found})"
+    if find_model(EMBEDDED_MINILM) is None:
+        return reference, (f"{key} = {reference}: NOT available offline and no embedded fallback; "
+                           f"run `huggingface-cli download {reference}` before that stage")
+    return EMBEDDED_MINILM, (f"{key} = {EMBEDDED_MINILM} ({reference} is not available offline; "
+                             f"download it with `huggingface-cli download {reference}` for better scores)")
+
+
+def finetune_recipe(kind: str, gpu: bool) -> tuple[dict[str, Any], str]:
+    if gpu:
+        recipe = GPU_FINETUNE[kind]
+        return dict(recipe), "finetune: GPU -> full recipe on every fold (" + _show(recipe) + ")"
+    return dict(CPU_FINETUNE), ("finetune: no GPU -> sized to finish in minutes (" + _show(CPU_FINETUNE)
+                                + "); pass --gpu for the full recipe")
+
+
+def _show(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# -- the config ---------------------------------------------------------------------------
+
+
+def _config_path_value(path: Path, config_dir: Path) -> str:
+    """Relative to the config's folder when below it (the pair moves together), else absolute."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(config_dir):
+        return resolved.relative_to(config_dir).as_posix()
+    return str(resolved)
+
+
+def _experiment_name(folder: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.resolve().name) or "experiment"
+
+
+@dataclass
+class InitOptions:
+    competition_dir: Path
+    output: Path = Path("config.toml")
+    hints: DetectionHints = field(default_factory=DetectionHints)
+    column_names: list[str] | None = None  # set: the files have no header row
+    delimiter: str | None = None
+    experiment: str | None = None
+    gpu: bool | None = None  # None: torch.cuda.is_available()
+    overrides: list[str] = field(default_factory=list)
+    force: bool = False
+
+
+def build_config(opts: InitOptions) -> tuple[dict[str, Any], list[str]]:
+    """The raw config dict for ``opts`` and the lines that explain each choice."""
+    files = find_competition_files(opts.competition_dir)
+    train = read_head(files.train, opts.delimiter, opts.column_names)
+    if opts.column_names is None:
+        check_header(files.train, list(train.columns))
+        test_columns = list(read_head(files.test, opts.delimiter, nrows=1).columns) if files.test else None
+    else:
+        test_columns = None  # a header-less test file has no names to compare
+    det = detect(train, test_columns, opts.hints)
+    if opts.column_names is None:
+        check_other_files(files, det, opts.delimiter)
+    config_dir = opts.output.resolve().parent
+    data: dict[str, Any] = {key: _config_path_value(path, config_dir)
+                            for key, path in vars(files).items() if path is not None}
+    if opts.delimiter:
+        data["delimiter"] = opts.delimiter
+    if opts.column_names:
+        data["column_names"] = opts.column_names
+    embed_model, embed_why = choose_model(REFERENCE_EMBED[0], "embed.model")
+    finetune_model, finetune_why = choose_model(REFERENCE_FINETUNE[det.kind], "finetune.model")
+    gpu = _gpu_available() if opts.gpu is None else opts.gpu
+    recipe, recipe_why = finetune_recipe(det.kind, gpu)
+    raw = {
+        "experiment": opts.experiment or _experiment_name(opts.competition_dir),
+        "task": det.task_section(),
+        "data": data,
+        "cv": {"n_splits": 5, "seed": 42},
+        "embed": {"model": embed_model,
+                  "prefix": REFERENCE_EMBED[1] if embed_model == REFERENCE_EMBED[0] else ""},
+        "finetune": {"model": finetune_model, **recipe},
+    }
+    for item in opts.overrides:
+        apply_override(raw, item)
+    notes = [f"{files.train.name}: {len(train)} rows read for detection, {len(train.columns)} columns",
+             *det.reasons, f"id: {det.id_column}", embed_why, finetune_why, recipe_why]
+    return raw, notes
+
+
+def init_config(opts: InitOptions) -> Path:
+    """Detect, validate and atomically write the config; print what was chosen and why."""
+    if opts.output.exists() and not opts.force:
+        raise HybridstackError(f"{opts.output} exists; pass --force to overwrite it or -o to write elsewhere")
+    raw, notes = build_config(opts)
+    config_from_dict(raw, base_dir=opts.output.resolve().parent, source=str(opts.output))
+    header = (f"# written by `hybridstack init {opts.competition_dir}`; every key is documented in "
+              "hybridstack/config.py\n# relative paths are read from this file's folder\n\n")
+    write_text(opts.output, header + dump_toml(raw))
+    for line in notes:
+        print(line)
+    print(f"wrote {opts.output}; next: hybridstack run all -c {opts.output}")
+    return opts.output
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def _options_from_args(args: argparse.Namespace) -> InitOptions:
+    if args.no_header != bool(args.columns):
+        raise HybridstackError("--no-header and --columns go together: pass --no-header --columns a,b,c")
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    delimiter = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
+    hints = DetectionHints(args.kind, args.id_column, args.text_column, args.label_column)
+    return InitOptions(Path(args.competition_dir), Path(args.output), hints, columns, delimiter,
+                       args.experiment, args.gpu, args.set, args.force)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    init_config(_options_from_args(args))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("init", help="write a config for a Kaggle-style competition folder")
+    p.add_argument("competition_dir", help="folder with train.csv (or .tsv), optional test.csv, sample_submission.csv")
+    p.add_argument("-o", "--output", default="config.toml", help="config file to write (default: ./config.toml)")
+    p.add_argument("--kind", choices=["pairwise", "multilabel", "multiclass"], help="task kind (default: detected)")
+    p.add_argument("--id-column", help="the unique row id column")
+    p.add_argument("--text-column", action="append", default=[], help="a text column (repeatable)")
+    p.add_argument("--label-column", action="append", default=[], help="a label column (repeatable)")
+    p.add_argument("--no-header", action="store_true", help="the files have no header row (needs --columns)")
+    p.add_argument("--columns", help="comma-separated column names for --no-header files")
+    p.add_argument("--delimiter", help=r"field delimiter (default: by extension, else sniffed; '\t' for tab)")
+    p.add_argument("--experiment", help="experiment name (default: the folder's name)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="size the fine-tune for a GPU or for CPU (default: detected)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a written value, e.g. --set cv.n_splits=10")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=cmd_init)
