@@ -177,14 +177,18 @@ class FinetuneConfig(Section):
     swap_augment: bool = True
     swap_tta: bool = True
     num_workers: int = Field(0, ge=0)
+    seed: int = 42  # model init, dropout and batch order; a re-run on CPU is bit-identical
 
 
 class StackConfig(Section):
     enabled: bool = True
     models: list[str] | None = None  # None: every finished base model
+    # candidates scored by nested CV; the best one is used only if it beats every single model
     methods: list[Literal["weighted", "logreg", "lgbm"]] = ["weighted", "logreg", "lgbm"]
-    temperature: bool = True
-    meta_features: bool = False
+    temperature: bool = True  # weighted blend: also fit a temperature (calibration)
+    meta_features: bool = False  # lgbm meta-model: add text lengths to the base logits
+    # inner CV of the meta-models (regularisation, boosting rounds); 3 keeps stacking fast
+    inner_folds: int = Field(3, ge=2, le=10)
 
 
 class Config(Section):
@@ -240,7 +244,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw.setdefault("experiment", path.stem)
     for item in overrides or []:
         apply_override(raw, item)
-    return config_from_dict(raw, base_dir=path.parent, source=str(path))
+    return config_from_dict(raw, base_dir=path.parent.resolve(), source=str(path))
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), source: str = "config") -> Config:

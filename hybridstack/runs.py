@@ -4,10 +4,11 @@ Layout (DESIGN.md)::
 
     runs/<experiment>/
       config.toml  dataset.json  folds.npy  submission.csv
-      features/                      cached feature matrices (e.g. the TF-IDF matrix)
       models/<name>/ config.json oof.npy test.npy scores.json DONE fold_<k>/
       stack/        the same files for the ensemble
       report/
+    cache/features/                  feature matrices (e.g. TF-IDF), keyed by data fingerprint
+                                     and settings, shared by experiments on the same data
 
 Every file is written to a temporary name in the same folder and renamed into place,
 so a killed process never leaves a half file under a name a later stage reads.
@@ -174,7 +175,10 @@ class ExperimentDir:
     dataset_path = property(lambda self: self.path / "dataset.json")
     folds_path = property(lambda self: self.path / "folds.npy")
     submission_path = property(lambda self: self.path / "submission.csv")
-    features_dir = property(lambda self: self.path / "features")
+    # Feature matrices are keyed by the data fingerprint and their settings, so they live in
+    # the workdir's shared cache (<workdir>/cache/features): sweeps over head settings and
+    # sibling experiments on the same data reuse them instead of recomputing.
+    features_dir = property(lambda self: self.path.parent.parent / "cache" / "features")
     models_dir = property(lambda self: self.path / "models")
     report_dir = property(lambda self: self.path / "report")
 

@@ -51,12 +51,12 @@ def test_second_run_is_skipped_and_new_C_reuses_matrix(make_config, capsys):
     before = model.oof_path.stat().st_mtime_ns
     assert main(["run", "tfidf", "-c", str(path)]) == 0
     assert model.oof_path.stat().st_mtime_ns == before  # skipped: nothing rewritten
-    matrices = list((cfg.run_dir / "features").glob("tfidf_*.joblib"))
+    matrices = list((cfg.workdir / "cache" / "features").glob("tfidf_*.joblib"))
     matrix_mtime = matrices[0].stat().st_mtime_ns
     time.sleep(0.01)
     assert main(["run", "tfidf", "-c", str(path), "--set", "tfidf.models=[{name='tfidf_logreg', C=0.5}]"]) == 0
     assert model.oof_path.stat().st_mtime_ns != before  # retrained with the new C
-    assert [m.stat().st_mtime_ns for m in cfg.run_dir.glob("features/tfidf_*.joblib")] == [matrix_mtime]
+    assert [m.stat().st_mtime_ns for m in (cfg.workdir / "cache" / "features").glob("tfidf_*.joblib")] == [matrix_mtime]
 
 
 def test_pairwise_prompt_never_in_two_folds(make_config):
