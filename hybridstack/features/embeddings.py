@@ -519,3 +519,82 @@ def embed_cache_from_config(cfg: Config) -> EmbeddingCache:
         prefix=embed.prefix, normalize=embed.normalize, dtype=embed.dtype,
         batch_size=embed.batch_size,
     )
+
+
+# -- inspection and clean-up (``hybridstack cache``) ------------------------------------------
+
+
+@dataclass
+class CacheFolder:
+    """One key folder as found on disk."""
+
+    path: Path
+    manifest: dict[str, Any] | None  # None when missing or unreadable
+    rows: int
+    shards: int
+    n_bytes: int
+
+    def matches(self, text: str) -> bool:
+        """True when ``text`` occurs (case-insensitively) in the key, model name or path."""
+        fields = [self.path.name, *(str((self.manifest or {}).get(k, "")) for k in ("model", "model_path"))]
+        return any(text.lower() in field.lower() for field in fields)
+
+
+def scan_cache(cache_root: str | Path) -> list[CacheFolder]:
+    """Every key folder under ``cache_root``, sorted by name (shard records are parsed)."""
+    root = Path(cache_root)
+    if not root.is_dir():
+        return []
+    folders = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            manifest = read_json(path / MANIFEST_FILE)
+        except (OSError, ValueError):
+            manifest = None
+        rows = shards = 0
+        for record in sorted((path / SHARDS_DIR).glob("*.json")):
+            try:
+                rows += Shard.read(record).rows
+                shards += 1
+            except CorruptShard:
+                continue  # reported and removed by the next reader, not by a listing
+        n_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        folders.append(CacheFolder(path, manifest, rows, shards, n_bytes))
+    return folders
+
+
+def stray_files(folder: Path, min_age_s: float = 3600.0) -> list[Path]:
+    """Leftovers of killed writers in one key folder: temp files and uncommitted vectors.
+
+    A file whose name carries a writer pid is stray once that process is gone; other
+    temp files (the manifest's) once they are ``min_age_s`` old. Files of a writer that
+    is still running are never listed, so pruning beside a running encode is safe.
+    """
+    shard_dir = folder / SHARDS_DIR
+    candidates = list(folder.glob("*.tmp"))
+    if shard_dir.is_dir():
+        candidates += [p for p in shard_dir.iterdir() if p.name.endswith(".tmp")
+                       or (p.suffix == ".npy" and not p.with_suffix(".json").exists())]
+    now = time.time()
+    stray = []
+    for path in sorted(candidates):
+        pid = writer_pid(path.name)
+        if pid is None:
+            try:
+                if now - path.stat().st_mtime >= min_age_s:
+                    stray.append(path)
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+        elif not _process_alive(pid):
+            stray.append(path)
+    return stray
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
