@@ -102,10 +102,14 @@ def read_head(path: Path, delimiter: str | None = None, column_names: list[str] 
     try:
         frame = pd.read_csv(path, sep=sep, nrows=nrows, dtype=str, keep_default_na=False,
                             encoding="utf-8-sig", encoding_errors="replace",
-                            header=None if column_names else "infer", names=column_names)
+                            header=None if column_names else "infer")
     except (pd.errors.ParserError, ValueError) as err:
         raise HybridstackError(f"{path}: cannot parse as delimited text ({one_line(err)}); pass --delimiter") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
+    if column_names is not None and len(column_names) != frame.shape[1]:
+        # pandas would silently turn extra leading fields into an index
+        raise HybridstackError(f"{path.name} has {frame.shape[1]} fields per row but --columns names "
+                               f"{len(column_names)}; name every field")
+    frame.columns = [str(c).strip() for c in (column_names or frame.columns)]
     if frame.empty:
         raise HybridstackError(f"{path} has a header but no rows")
     return frame
@@ -114,16 +118,18 @@ def read_head(path: Path, delimiter: str | None = None, column_names: list[str] 
 def check_header(path: Path, columns: list[str]) -> None:
     """Refuse a first line that looks like data rather than column names."""
     suspicious = [c for c in columns if _looks_like_data(c)]
-    if len(columns) != len(set(columns)) or suspicious:
-        shown = repr(suspicious[0][:40]) if suspicious else "duplicate names"
+    if suspicious:
         raise HybridstackError(
-            f"{path.name}: the first line looks like data, not a header ({shown}); if the file has no "
-            "header row, pass --no-header --columns NAME,NAME,..."
+            f"{path.name}: the first line looks like data, not a header ({suspicious[0][:40]!r}); if the "
+            "file has no header row, pass --no-header --columns NAME,NAME,..."
         )
 
 
 def _looks_like_data(name: str) -> bool:
-    if name == "" or name.startswith("Unnamed:") or len(name) > 64 or len(name.split()) > 4:
+    """A number, a long string or a phrase; "Unnamed: 0" (a saved pandas index) is a real header."""
+    if name.startswith("Unnamed: "):
+        return False
+    if len(name) > 64 or len(name.split()) > 4:
         return True
     try:
         float(name)
@@ -295,10 +301,9 @@ def _detect_text(train: pd.DataFrame, candidates: list[str]) -> str:
     return max(textual, key=lambda c: train[c].str.len().mean())
 
 
-def check_other_files(files: CompetitionFiles, det: Detection, delimiter: str | None) -> None:
+def check_other_files(files: CompetitionFiles, det: Detection, test_columns: list[str] | None) -> None:
     """The test file must hold the id and text columns; the sample submission the id."""
-    if files.test is not None:
-        test_columns = read_head(files.test, delimiter, nrows=1).columns
+    if test_columns is not None:
         missing = [c for c in [det.id_column, *det.text_columns] if c not in test_columns]
         if missing:
             raise HybridstackError(f"{files.test.name} has no column(s) {', '.join(map(repr, missing))}; pass "
@@ -382,7 +387,7 @@ def build_config(opts: InitOptions) -> tuple[dict[str, Any], list[str]]:
         test_columns = None  # a header-less test file has no names to compare
     det = detect(train, test_columns, opts.hints)
     if opts.column_names is None:
-        check_other_files(files, det, opts.delimiter)
+        check_other_files(files, det, test_columns)
     config_dir = opts.output.resolve().parent
     data: dict[str, Any] = {key: _config_path_value(path, config_dir)
                             for key, path in vars(files).items() if path is not None}

@@ -50,6 +50,7 @@ def test_lmsys_layout_is_pairwise(tmp_path, no_reference_models, capsys):
                            "response_columns": ["response_a", "response_b"],
                            "winner_columns": PAIRWISE_LABELS}
     assert "kind pairwise (LMSYS layout" in capsys.readouterr().out
+    assert load_config(tmp_path / "cfg.toml").task.kind == "pairwise"
 
 
 def test_jigsaw_layout_is_multilabel(tmp_path, no_reference_models):
@@ -57,6 +58,7 @@ def test_jigsaw_layout_is_multilabel(tmp_path, no_reference_models):
     raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
     assert raw["task"] == {"kind": "multilabel", "id_column": "id", "text_columns": ["comment_text"],
                            "label_columns": JIGSAW_LABELS}
+    assert load_config(tmp_path / "cfg.toml").task.label_columns == JIGSAW_LABELS
 
 
 def test_generic_csv_is_multiclass(tmp_path, no_reference_models):
@@ -77,16 +79,21 @@ def test_unnamed_columns_use_length_and_distinct_values(tmp_path, no_reference_m
     assert raw["task"]["label_column"] == "grade"
 
 
-def test_headerless_tsv_with_flags(tmp_path, no_reference_models):
+def test_headerless_tsv_with_flags_runs(tmp_path, no_reference_models):
     folder = tmp_path / "tsv"
     folder.mkdir()
-    multiclass_frame(30).to_csv(folder / "train.tsv", sep="\t", index=False, header=False)
+    frame = multiclass_frame(60)
+    frame.iloc[:45].to_csv(folder / "train.tsv", sep="\t", index=False, header=False)
+    frame.iloc[45:][["id", "text"]].to_csv(folder / "test.tsv", sep="\t", index=False, header=False)
     raw = _init(tmp_path, folder, "--no-gpu", "--kind", "multiclass", "--no-header",
                 "--columns", "id,text,label", "--text-column", "text", "--label-column", "label")
     assert raw["data"]["column_names"] == ["id", "text", "label"]
+    assert raw["data"]["test"] == "tsv/test.tsv"
     assert raw["task"]["label_column"] == "label"
-    cfg = load_config(tmp_path / "cfg.toml")
-    assert cfg.data.train == folder / "train.tsv"
+    assert main(["run", "tfidf", "-c", str(tmp_path / "cfg.toml"), "--set", "cv.n_splits=3",
+                 "--set", "tfidf.min_df=1"]) == 0
+    submission = pd.read_csv(tmp_path / "runs" / "tsv" / "submission.csv")
+    assert submission["id"].tolist() == frame["id"].iloc[45:].tolist()
 
 
 # -- ambiguity and bad input ----------------------------------------------------------------
@@ -126,6 +133,8 @@ def test_unknown_flag_column_and_lonely_no_header(tmp_path):
     folder = _generic(tmp_path, multiclass_frame(30))
     assert "no column(s) 'body'" in _init_error(tmp_path, folder, "--text-column", "body")
     assert "--no-header and --columns go together" in _init_error(tmp_path, folder, "--no-header")
+    assert "3 fields per row but --columns names 2" in _init_error(
+        tmp_path, folder, "--no-header", "--columns", "id,text", "--kind", "multiclass")
 
 
 def test_existing_output_needs_force(tmp_path, no_reference_models):
