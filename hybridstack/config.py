@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridstack.errors import HybridstackError
 
@@ -113,6 +113,7 @@ class LGBMHead(Section):
     colsample_bytree: float = Field(0.5, gt=0, le=1)
     reg_lambda: float = Field(1.0, ge=0)
     early_stopping_rounds: int = Field(100, ge=1)
+    num_threads: int = Field(2, ge=1)  # fixed, so results do not depend on the machine's cores
 
 
 class MLPHead(Section):
@@ -141,12 +142,20 @@ class EmbedConfig(Section):
     cache_dir: Path | None = None
     knn: bool = True
     knn_k: int = Field(20, ge=1)
-    knn_index: Literal["flat", "ivf"] = "flat"
+    knn_index: Literal["flat", "ivf"] = "flat"  # flat: exact; ivf: approximate, for 10^5+ rows
+    knn_nprobe: int = Field(16, ge=1)  # ivf lists scanned per query (recall vs speed)
     length_features: bool = True
     swap_augment: bool = True
     swap_tta: bool = True
     lgbm: list[LGBMHead] = Field(default_factory=lambda: [LGBMHead()])
     mlp: list[MLPHead] = Field(default_factory=lambda: [MLPHead()])
+
+    @model_validator(mode="after")
+    def _unique_head_names(self) -> EmbedConfig:
+        names = [h.name for h in [*self.lgbm, *self.mlp]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"embed head names must be unique across lgbm and mlp, got {names}")
+        return self
 
 
 class FinetuneConfig(Section):
@@ -259,21 +268,55 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), source: st
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``--set a.b.c=value`` override; the value is parsed as TOML when it can be."""
+    """Apply one ``--set a.b.c=value`` override; the value is parsed as TOML when it can be.
+
+    Inside an array of tables (e.g. ``[[embed.lgbm]]``) a number picks one entry
+    (``embed.lgbm.0.num_leaves=15``) and a key sets it on every entry (``embed.lgbm.num_leaves=15``).
+    """
     if "=" not in item:
         raise HybridstackError(f"--set {item!r}: expected section.key=value, e.g. finetune.lr=2e-5")
     dotted, text = item.split("=", 1)
-    keys = dotted.strip().split(".")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare string such as a path or model id
-    node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise HybridstackError(f"--set {item!r}: {key} is not a section")
-    node[keys[-1]] = value
+    _set_path(raw, dotted.strip().split("."), value, item)
+
+
+def _set_path(node: Any, keys: list[str], value: Any, item: str, at: tuple[str, ...] = ()) -> None:
+    key, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if key.isdigit() and int(key) < len(node):
+            node, keys = [node[int(key)]], rest
+        for entry in node:
+            _set_path(entry, keys, value, item, at)
+        return
+    if not isinstance(node, dict):
+        raise HybridstackError(f"--set {item!r}: '{'.'.join(at)}' is a value, not a section")
+    if not rest:
+        node[key] = value
+        return
+    if key not in node:
+        # descend into the section's default (an array of tables keeps its default entries)
+        node[key] = _default_value((*at, key))
+    _set_path(node[key], rest, value, item, (*at, key))
+
+
+def _default_value(path: tuple[str, ...]) -> Any:
+    """The JSON form of the default at a dotted path of Config, or {} for an unknown one."""
+    model: Any = Config
+    default: Any = {}
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return {}
+        default = field.get_default(call_default_factory=True)
+        model = type(default) if isinstance(default, BaseModel) else None
+    if isinstance(default, BaseModel):
+        return {}  # a plain section: only the overridden key is set, the rest stays default
+    if isinstance(default, list):
+        return [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
+    return {}
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ def write_with(path: str | Path, writer: Callable[[IO[bytes]], None]) -> None:
     """Atomically write ``path`` with ``writer(binary_file_handle)``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         writer(fh)
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def read_json(path: str | Path) -> Any:

@@ -1,0 +1,79 @@
+"""hybridstack sweep and compare on tiny synthetic data."""
+
+import numpy as np
+
+from hybridstack.cli import main
+from hybridstack.compare import compare_rows
+from hybridstack.sweep import combination_name, parse_grid
+
+
+def test_parse_grid_keeps_lists_whole():
+    axes = parse_grid(["finetune.lr=2e-5,3e-5", "finetune.folds=[0,1],[2]"])
+    assert axes[0].values == ["2e-5", "3e-5"]
+    assert axes[1].values == ["[0,1]", "[2]"]
+    assert combination_name("base", {"finetune.lr": "2e-5"}) == "base__lr=2e-5"
+
+
+def test_grid_2x2_creates_four_experiments_skips_rerun_and_compares(make_config, capsys):
+    cfg, path = make_config("multiclass", n_train=120, n_test=20)
+    grid = ["--grid", "tfidf.models.C=0.5,4", "--grid", "tfidf.models.class_weight='balanced',''"]
+    assert main(["sweep", "-c", str(path), "--stage", "tfidf", *grid]) == 2  # '' is not a valid class_weight
+    assert "class_weight" in capsys.readouterr().err
+
+    grid = ["--grid", "tfidf.models.C=0.5,4", "--grid", "tfidf.max_char_features=1000,4000"]
+    assert main(["sweep", "-c", str(path), "--stage", "tfidf", *grid]) == 0
+    out = capsys.readouterr().out
+    runs = sorted(p.name for p in (cfg.workdir / "runs").iterdir())
+    assert len(runs) == 4 and all(r.startswith("exp_multiclass__C=") for r in runs)
+    folds = [np.load(cfg.workdir / "runs" / r / "folds.npy") for r in runs]
+    assert all(np.array_equal(folds[0], f) for f in folds)
+    # two matrix settings -> two cached TF-IDF matrices shared by the four experiments
+    assert len(list((cfg.workdir / "cache" / "features").glob("tfidf_*.joblib"))) == 2
+    assert "4 ok, 0 failed" in out
+
+    mtimes = {r: (cfg.workdir / "runs" / r / "models/tfidf_logreg/oof.npy").stat().st_mtime_ns for r in runs}
+    assert main(["sweep", "-c", str(path), "--stage", "tfidf", *grid]) == 0
+    assert mtimes == {r: (cfg.workdir / "runs" / r / "models/tfidf_logreg/oof.npy").stat().st_mtime_ns
+                      for r in runs}
+
+    capsys.readouterr()
+    rows = compare_rows(cfg.workdir)
+    assert len(rows) == 4
+    cvs = [r["cv"] for r in rows]
+    assert cvs == sorted(cvs)  # log loss: best (lowest) first
+    assert {"tfidf.models.0.C", "tfidf.max_char_features"} <= set(rows[0])
+    assert main(["compare", str(cfg.workdir), "--format", "markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("exp_multiclass__") == 4 and "tfidf.models.0.C" in table
+
+
+def test_failing_combination_is_reported_and_sweep_continues(make_config, capsys, monkeypatch):
+    cfg, path = make_config("multiclass", n_train=90, n_test=10)
+    import hybridstack.sweep as sweep
+    from hybridstack.errors import HybridstackError
+
+    real = sweep.run_stage
+
+    def flaky(stage, config, overrides):
+        if any("C=0.5" in o for o in overrides):
+            raise HybridstackError("simulated failure")
+        return real(stage, config, overrides)
+
+    monkeypatch.setattr(sweep, "run_stage", flaky)
+    assert main(["sweep", "-c", str(path), "--stage", "tfidf", "--grid", "tfidf.models.C=0.5,4"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED exp_multiclass__C=0.5: simulated failure" in out
+    assert (cfg.workdir / "runs" / "exp_multiclass__C=4" / "models/tfidf_logreg/DONE").is_file()
+
+
+def test_compare_heldout_scores(make_config, capsys, tmp_path):
+    cfg, path = make_config("multilabel", n_train=120, n_test=40)
+    assert main(["run", "tfidf", "-c", str(path)]) == 0
+    # labels of the synthetic test rows: regenerate the full frame and keep the test part
+    from hybridstack.synthetic import multilabel_frame
+
+    full = multilabel_frame(160, seed=0)
+    labels = tmp_path / "test_labels.csv"
+    full.iloc[120:].drop(columns=["comment_text"]).to_csv(labels, index=False)
+    rows = compare_rows(cfg.workdir, labels=labels)
+    assert 0.6 < rows[0]["heldout"] <= 1.0
