@@ -191,3 +191,16 @@ def test_written_config_runs_tfidf(tmp_path, no_reference_models):
     assert (run_dir / "models" / "tfidf_logreg" / "DONE").is_file()
     submission = pd.read_csv(run_dir / "submission.csv")
     assert list(submission.columns) == ["id", "food", "sports", "tech"] and len(submission) == 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("folder", "kind"), [("llmeval2-pairwise", "pairwise"),
+                                              ("jigsaw-toxic-10k", "multilabel"),
+                                              ("jigsaw-toxic-kaggle-excerpt", "multilabel")])
+def test_real_folders(tmp_path, no_reference_models, folder, kind):
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / folder
+    if not data.is_dir():
+        pytest.skip("real data not available")
+    raw = _init(tmp_path, data, "--no-gpu")
+    assert raw["task"]["kind"] == kind
+    assert load_config(tmp_path / "cfg.toml").data.train == data / "train.csv"
