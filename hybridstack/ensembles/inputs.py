@@ -1,0 +1,80 @@
+"""What a stacker sees: the base models' probabilities side by side, plus optional meta features.
+
+Stackers follow the head protocol (``fit(X, Y)`` / ``predict_proba(X)``) with ``X`` a
+:class:`StackInput`. It supports ``X[rows]`` and ``len(X)`` so the same row-subsetting
+code serves nested CV, refits and predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Probabilities are clipped before taking logs: a base model that outputs exactly 0 or 1
+# would otherwise give an infinite logit (Kaggle's log loss clips at the same place).
+PROB_CLIP = 1e-6
+
+
+@dataclass(frozen=True)
+class StackInput:
+    """Base-model probabilities for a set of rows.
+
+    Attributes
+    ----------
+    probs : (n, M, C) float32, model m's probability of column c for each row.
+    meta : (n, F) float32 extra features (e.g. text lengths) or None.
+    multilabel : True when the C columns are independent binary labels (sigmoid outputs),
+        False when each row's C columns are one softmax distribution.
+    """
+
+    probs: np.ndarray
+    meta: np.ndarray | None = None
+    multilabel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.probs.ndim != 3:
+            raise ValueError(f"probs must be (n, M, C), got shape {self.probs.shape}")
+        if self.meta is not None and len(self.meta) != len(self.probs):
+            raise ValueError(f"meta has {len(self.meta)} rows but probs has {len(self.probs)}")
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, rows: np.ndarray) -> StackInput:
+        meta = None if self.meta is None else self.meta[rows]
+        return StackInput(self.probs[rows], meta, self.multilabel)
+
+    @property
+    def n_models(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return self.probs.shape[2]
+
+    def logits(self) -> np.ndarray:
+        """(n, M, C) float64: log-odds (multilabel) or log-probabilities (single-label)."""
+        p = np.clip(self.probs.astype(np.float64), PROB_CLIP, 1 - PROB_CLIP)
+        return np.log(p) - np.log1p(-p) if self.multilabel else np.log(p)
+
+    def flat_logits(self) -> np.ndarray:
+        """(n, M * C) logits, model-major: the feature matrix of the meta-models."""
+        return self.logits().reshape(len(self), -1)
+
+    def covered_rows(self) -> np.ndarray:
+        """(n,) bool: rows that every base model predicted (no NaN)."""
+        return ~np.isnan(self.probs).any(axis=(1, 2))
+
+
+def length_features(fields: dict[str, list[str]]) -> np.ndarray:
+    """(n, 2 * n_fields) float32: log1p of character and word counts of each text field.
+
+    Length is a cheap signal the base models see only indirectly (long answers win on
+    LMSYS; very short comments are rarely toxic), so a tree meta-model can use it.
+    """
+    columns = []
+    for texts in fields.values():
+        columns.append([len(t) for t in texts])
+        columns.append([len(t.split()) for t in texts])
+    return np.log1p(np.asarray(columns, dtype=np.float64).T).astype(np.float32)

@@ -1,0 +1,207 @@
+"""Meta-models that learn from the base models' logits, and the single-model pass-through.
+
+All follow the head protocol with ``X`` a :class:`StackInput`. The validation pair of
+``fit`` is ignored on purpose: a stacker's hyper-parameters (regularisation strength,
+boosting rounds) are chosen by CV *inside* its training rows, so the held-out fold of
+the nested CV never influences its own predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from hybridstack.ensembles.inputs import StackInput
+
+# Inverse regularisation strengths tried by the inner CV of the logistic meta-model.
+LOGREG_CS = np.logspace(-3, 2, 11)
+# LightGBM meta-model: shallow trees, strong shrinkage; the inputs are few and informative.
+_LGBM_PARAMS = {
+    "num_leaves": 7,
+    "learning_rate": 0.05,
+    "min_data_in_leaf": 20,
+    "feature_fraction": 0.8,
+    "lambda_l2": 1.0,
+    "verbose": -1,
+    "deterministic": True,  # same CPU result on re-run
+    "force_row_wise": True,
+    # a meta-model sees a few dozen columns: thread start-up costs more than it saves
+    # (10x slower with 2 threads on a busy 2-core machine)
+    "num_threads": 1,
+}
+_LGBM_MAX_ROUNDS = 1000
+_LGBM_EARLY_STOP = 50
+
+
+def _too_few(y: np.ndarray, inner_folds: int) -> bool:
+    """A label whose rarer class has fewer rows than inner folds cannot be cross-validated."""
+    positives = int((y > 0.5).sum())
+    return min(positives, len(y) - positives) < inner_folds
+
+
+def _model_shares(importance: np.ndarray, n_models: int, n_classes: int) -> list[float]:
+    """Sum per-feature importance over each model's C columns; normalise to shares of 1."""
+    per_model = np.abs(importance[: n_models * n_classes]).reshape(n_models, n_classes).sum(axis=1)
+    total = per_model.sum()
+    return (per_model / total if total > 0 else np.full(n_models, 1.0 / n_models)).tolist()
+
+
+class LogRegMeta(BaseEstimator):
+    """Logistic regression on standardised base logits, C chosen by inner stratified CV.
+
+    Single-label: one multinomial model on all M * C logits. Multilabel: one binary model
+    per label, each seeing every model's logits for every label (labels are correlated:
+    ``insult`` helps ``toxic``).
+
+    Parameters
+    ----------
+    inner_folds : folds of the inner CV that picks the regularisation strength.
+    random_state : seed of the inner fold split.
+    """
+
+    def __init__(self, inner_folds: int = 3, random_state: int = 42):
+        self.inner_folds = inner_folds
+        self.random_state = random_state
+
+    def _model(self, scoring: str) -> Pipeline:
+        cv = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
+        return make_pipeline(StandardScaler(), LogisticRegressionCV(
+            Cs=LOGREG_CS, l1_ratios=(0.0,), cv=cv, scoring=scoring, max_iter=1000,
+            use_legacy_attributes=False))
+
+    def fit(self, X: StackInput, Y: np.ndarray, X_val: Any = None, Y_val: Any = None) -> LogRegMeta:
+        features = X.flat_logits()
+        self.n_models_, self.n_classes_ = X.n_models, X.n_classes
+        # BLAS threads on a few dozen columns only fight over the cores (16x slower on 2 busy ones)
+        with threadpool_limits(limits=1):
+            if X.multilabel:
+                self.models_ = [float(Y[:, j].mean()) if _too_few(Y[:, j], self.inner_folds)
+                                else self._model("roc_auc").fit(features, Y[:, j])
+                                for j in range(Y.shape[1])]
+            else:
+                self.model_ = self._model("neg_log_loss").fit(features, Y.argmax(axis=1))
+        return self
+
+    def predict_proba(self, X: StackInput) -> np.ndarray:
+        """(n, C) float32 probabilities."""
+        features = X.flat_logits()
+        if X.multilabel:
+            return np.column_stack([
+                np.full(len(X), m) if isinstance(m, float) else m.predict_proba(features)[:, 1]
+                for m in self.models_]).astype(np.float32)
+        proba = np.zeros((len(X), self.n_classes_), dtype=np.float32)
+        proba[:, self.model_.classes_] = self.model_.predict_proba(features)  # absent classes stay 0
+        return proba
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: each base model's share of |coefficient| and the chosen C per model."""
+        fitted = [self.model_] if hasattr(self, "model_") else [
+            m for m in self.models_ if not isinstance(m, float)]
+        if not fitted:
+            return {"kind": "importance share",
+                    "weights": [1.0 / self.n_models_] * self.n_models_, "C": []}
+        importance = np.sum([np.abs(m[-1].coef_).sum(axis=0) for m in fitted], axis=0)
+        return {"kind": "importance share",
+                "weights": _model_shares(importance, self.n_models_, self.n_classes_),
+                "C": [float(m[-1].C_) for m in fitted]}
+
+
+class LGBMMeta(BaseEstimator):
+    """A small LightGBM on the base logits (+ optional meta features such as text lengths).
+
+    The number of boosting rounds is found by ``lightgbm.cv`` with early stopping on
+    inner folds of the training rows, then one model is refitted on all of them.
+    Multilabel: one binary model per label (metric AUC); single-label: one multiclass
+    model (metric log loss).
+
+    Parameters
+    ----------
+    inner_folds : folds of the inner CV that picks the number of rounds.
+    random_state : seed of LightGBM and of the inner fold split.
+    """
+
+    def __init__(self, inner_folds: int = 3, random_state: int = 42):
+        self.inner_folds = inner_folds
+        self.random_state = random_state
+
+    @staticmethod
+    def _features(X: StackInput) -> np.ndarray:
+        logits = X.flat_logits()
+        return logits if X.meta is None else np.hstack([logits, X.meta.astype(np.float64)])
+
+    def _train(self, features: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> lgb.Booster:
+        params = {**_LGBM_PARAMS, **params, "seed": self.random_state}
+        y = np.ascontiguousarray(y)  # a label column of Y is a strided view LightGBM would copy
+        history = lgb.cv(params, lgb.Dataset(features, y), num_boost_round=_LGBM_MAX_ROUNDS,
+                         nfold=self.inner_folds, stratified=True, seed=self.random_state,
+                         callbacks=[lgb.early_stopping(_LGBM_EARLY_STOP, verbose=False)])
+        n_rounds = len(next(iter(history.values())))
+        return lgb.train(params, lgb.Dataset(features, y), num_boost_round=n_rounds)
+
+    def fit(self, X: StackInput, Y: np.ndarray, X_val: Any = None, Y_val: Any = None) -> LGBMMeta:
+        features = self._features(X)
+        self.n_models_, self.n_classes_ = X.n_models, X.n_classes
+        if X.multilabel:
+            binary = {"objective": "binary", "metric": "auc"}
+            self.models_ = [float(Y[:, j].mean()) if _too_few(Y[:, j], self.inner_folds)
+                            else self._train(features, Y[:, j], binary)
+                            for j in range(Y.shape[1])]
+        else:
+            multiclass = {"objective": "multiclass", "num_class": X.n_classes,
+                          "metric": "multi_logloss"}
+            self.model_ = self._train(features, Y.argmax(axis=1), multiclass)
+        return self
+
+    def predict_proba(self, X: StackInput) -> np.ndarray:
+        """(n, C) float32 probabilities."""
+        features = self._features(X)
+        if X.multilabel:
+            return np.column_stack([
+                np.full(len(X), m) if isinstance(m, float) else m.predict(features)
+                for m in self.models_]).astype(np.float32)
+        return self.model_.predict(features).astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: each base model's share of split gain and the rounds per model."""
+        boosters = [self.model_] if hasattr(self, "model_") else [
+            m for m in self.models_ if not isinstance(m, float)]
+        if not boosters:
+            return {"kind": "importance share",
+                    "weights": [1.0 / self.n_models_] * self.n_models_, "rounds": []}
+        gain = np.sum([b.feature_importance("gain") for b in boosters], axis=0)
+        return {"kind": "importance share",
+                "weights": _model_shares(gain, self.n_models_, self.n_classes_),
+                "rounds": [b.current_iteration() for b in boosters]}
+
+
+class SelectModel(BaseEstimator):
+    """Pass one base model through unchanged: the fallback when no stacker beats it.
+
+    Parameters
+    ----------
+    index : which of the M base models to return.
+    """
+
+    def __init__(self, index: int = 0):
+        self.index = index
+
+    def fit(self, X: StackInput, Y: np.ndarray, X_val: Any = None, Y_val: Any = None) -> SelectModel:
+        self.n_models_ = X.n_models
+        return self
+
+    def predict_proba(self, X: StackInput) -> np.ndarray:
+        """(n, C) float32: the chosen model's probabilities."""
+        return X.probs[:, self.index, :].astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        weights = np.zeros(self.n_models_)
+        weights[self.index] = 1.0
+        return {"kind": "blend weights", "weights": weights.tolist()}

@@ -1,0 +1,284 @@
+"""Stage stack: blend the finished base models' OOF predictions into the submission.
+
+Every candidate stacker (weighted average, logistic meta-model, LightGBM meta-model) is
+scored by nested CV on the experiment's folds; the best is refitted on every covered row
+and predicts test from the base models' ``test.npy``. A stacker that does not beat the
+best single model falls back to it. Reads only ``oof.npy``/``test.npy``; never re-runs a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hybridstack.config import Config
+from hybridstack.ensembles import make_stacker
+from hybridstack.ensembles.inputs import StackInput, length_features
+from hybridstack.ensembles.meta import SelectModel
+from hybridstack.ensembles.nested import SINGLE_PREFIX, NestedResult, choose, nested_oof
+from hybridstack.ensembles.thresholds import tune_thresholds
+from hybridstack.errors import HybridstackError
+from hybridstack.experiment import Experiment, open_experiment
+from hybridstack.folds import make_folds
+from hybridstack.runs import ModelDir, read_json, write_joblib, write_json, write_npy
+from hybridstack.stages.common import (
+    library_versions,
+    require_enabled,
+    skip_if_done,
+    stage_main,
+    write_submission,
+)
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.json"
+META_MODEL_FILE = "meta_model.joblib"
+THRESHOLDS_FILE = "thresholds.json"
+# A base model's recorded per-fold score must match its OOF rescored on this experiment's folds.
+_FOLD_SCORE_TOLERANCE = 1e-4
+
+
+@dataclass
+class BaseModel:
+    """One finished base model's outputs, checked against the experiment."""
+
+    name: str
+    done_hash: str
+    oof: np.ndarray  # (n_train, C) float32, NaN rows never validated
+    test: np.ndarray | None  # (n_test, C) float32
+
+
+# -- choosing and checking the base models ---------------------------------------------------
+
+
+def select_base_models(exp: Experiment) -> list[BaseModel]:
+    """The finished base models to stack (all, or ``stack.models``), each validated."""
+    finished = {m.name: m for m in exp.dir.finished_models()}
+    wanted = exp.cfg.stack.models
+    if wanted is None:
+        names = sorted(finished)
+    else:
+        missing = [n for n in wanted if n not in finished]
+        if missing:
+            raise HybridstackError(
+                f"stack.models: {', '.join(missing)} not finished in {exp.dir.models_dir} "
+                f"(finished: {', '.join(sorted(finished)) or 'none'}); run its stage or fix the name")
+        names = list(dict.fromkeys(wanted))
+    if not names:
+        raise HybridstackError(
+            f"stack: no finished base models in {exp.dir.models_dir}; run tfidf, embed or finetune first")
+    return [load_base_model(exp, finished[n]) for n in names]
+
+
+def load_base_model(exp: Experiment, model: ModelDir) -> BaseModel:
+    """Load one model's outputs; refuse other columns, row counts or folds in one line."""
+    where = f"models/{model.name}"
+    label_names = read_json(model.config_path).get("label_names") if model.config_path.is_file() else None
+    if label_names != exp.task.label_names:
+        raise HybridstackError(
+            f"{where}: columns {label_names} differ from this experiment's {exp.task.label_names}; "
+            "re-run its stage or leave it out with stack.models")
+    shape = (len(exp.train), exp.task.n_classes)
+    oof = model.load_oof()
+    if oof.shape != shape:
+        raise HybridstackError(
+            f"{where}/oof.npy has shape {oof.shape} but this experiment needs {shape}; "
+            "it was made from other data: re-run its stage")
+    test = model.load_test()
+    if exp.test is not None:
+        test_shape = (len(exp.test), exp.task.n_classes)
+        if test is None or test.shape != test_shape:
+            got = "no test.npy" if test is None else f"test.npy of shape {test.shape}"
+            raise HybridstackError(f"{where} has {got} but this experiment needs {test_shape}; "
+                                   "re-run its stage")
+    check_same_folds(exp, model, oof)
+    done_hash = model.done_path.read_text().strip()
+    return BaseModel(model.name, done_hash, oof.astype(np.float32), test)
+
+
+def check_same_folds(exp: Experiment, model: ModelDir, oof: np.ndarray) -> None:
+    """Refuse a model validated on other folds: its OOF rows of a fold would mix models.
+
+    Two signs give it away: a fold that is only partly predicted (NaN rows follow the
+    folds a model was trained on), and recorded per-fold scores that differ from the
+    same OOF rescored on this experiment's folds.
+    """
+    covered = ~np.isnan(oof).any(axis=1)
+    per_fold = model.load_scores().get("per_fold", {}) if model.scores_path.is_file() else {}
+    for k in range(exp.n_splits):
+        rows = exp.folds == k
+        if covered[rows].any() and not covered[rows].all():
+            raise _fold_error(model, f"fold {k} is only partly predicted")
+        recorded = per_fold.get(str(k))
+        if recorded is None or not covered[rows].all():
+            continue
+        rescored = exp.task.score(exp.train.Y[rows], oof[rows])
+        if not np.isclose(rescored, recorded, rtol=_FOLD_SCORE_TOLERANCE, atol=_FOLD_SCORE_TOLERANCE):
+            raise _fold_error(model, f"fold {k} scores {rescored:.5f} here but {recorded:.5f} in scores.json")
+    unknown = sorted(set(per_fold) - {str(k) for k in range(exp.n_splits)})
+    if unknown:
+        raise _fold_error(model, f"scores.json names folds {unknown} this experiment does not have")
+
+
+def _fold_error(model: ModelDir, detail: str) -> HybridstackError:
+    return HybridstackError(
+        f"models/{model.name} was validated on other folds than this experiment's folds.npy "
+        f"({detail}); re-run its stage")
+
+
+def stack_config_hash(exp: Experiment, bases: list[BaseModel]) -> str:
+    """The stack's DONE hash: data + [stack] settings + which base models, in which versions."""
+    members = json.dumps([[b.name, b.done_hash] for b in bases])
+    return hashlib.sha256((exp.stage_hash("stack") + members).encode()).hexdigest()[:16]
+
+
+# -- folds and candidates ---------------------------------------------------------------------
+
+
+def stacking_folds(exp: Experiment, covered: np.ndarray) -> tuple[np.ndarray, str]:
+    """(n_train,) fold id for nested CV (-1 = excluded row) and how it was made.
+
+    Normally the outer folds restricted to covered rows. When the covered rows lie in a
+    single outer fold (every chosen model was validated there, e.g. a fine-tune on fold 0
+    only), those rows are re-split: all their OOF predictions are still held-out ones.
+    """
+    fold_id = np.where(covered, exp.folds, -1).astype(np.int64)
+    if len(np.unique(fold_id[covered])) >= 2:
+        return fold_id, "outer folds"
+    rows = np.flatnonzero(covered)
+    groups = None if exp.train.groups is None else exp.train.groups[rows]
+    inner = make_folds(exp.task.stratify_target(exp.train.Y[rows]), exp.cfg.cv.n_splits,
+                       exp.cfg.cv.seed, groups)
+    fold_id[rows] = inner
+    return fold_id, "covered rows lie in one outer fold: re-split into cv.n_splits folds"
+
+
+def candidate_stackers(cfg: Config, n_models: int) -> dict[str, Any]:
+    """Every pass-through single model, plus each configured stacker when there are >= 2 models."""
+    candidates: dict[str, Any] = {}
+    if n_models >= 2:
+        for method in cfg.stack.methods:
+            candidates[method] = make_stacker(method, temperature=cfg.stack.temperature,
+                                              inner_folds=cfg.stack.inner_folds,
+                                              random_state=cfg.cv.seed)
+    return candidates
+
+
+def evaluate_candidates(exp: Experiment, bases: list[BaseModel], X: StackInput,
+                        fold_id: np.ndarray) -> tuple[dict[str, Any], dict[str, NestedResult]]:
+    """Nested-CV results of every single model and stacker, keyed by candidate name."""
+    stackers = {f"{SINGLE_PREFIX}{b.name}": SelectModel(index=i) for i, b in enumerate(bases)}
+    stackers.update(candidate_stackers(exp.cfg, len(bases)))
+    results = {}
+    for name, stacker in stackers.items():
+        results[name] = nested_oof(stacker, X, exp.train.Y, fold_id, exp.task.score)
+        print(f"stack: {name}: nested {exp.task.metric_name} = {results[name].overall:.5f} "
+              f"({results[name].seconds:.1f}s)", flush=True)
+    return stackers, results
+
+
+# -- the stage ------------------------------------------------------------------------------
+
+
+def build_inputs(exp: Experiment, bases: list[BaseModel]) -> tuple[StackInput, StackInput | None]:
+    """Train and test StackInputs (test is None without a test file)."""
+    multilabel = exp.task.kind == "multilabel"
+    use_meta = exp.cfg.stack.meta_features
+    train = StackInput(np.stack([b.oof for b in bases], axis=1),
+                       length_features(exp.train.fields) if use_meta else None, multilabel)
+    if exp.test is None:
+        return train, None
+    test = StackInput(np.stack([b.test for b in bases], axis=1),
+                      length_features(exp.test.fields) if use_meta else None, multilabel)
+    return train, test
+
+
+def run(cfg: Config) -> None:
+    if not require_enabled(cfg, "stack"):
+        return
+    exp = open_experiment(cfg)
+    bases = select_base_models(exp)
+    stack = exp.dir.stack
+    config_hash = stack_config_hash(exp, bases)
+    if skip_if_done(stack, config_hash):
+        return
+    started = time.perf_counter()
+    X, X_test = build_inputs(exp, bases)
+    covered = X.covered_rows()
+    if not covered.any():
+        raise HybridstackError(
+            "stack: no train row is predicted by every chosen base model; choose models that "
+            "share validated folds with stack.models")
+    n_excluded = int((~covered).sum())
+    print(f"stack: {len(bases)} base models ({', '.join(b.name for b in bases)}); "
+          f"{int(covered.sum())} train rows covered, {n_excluded} excluded "
+          "(NaN OOF in some chosen model)", flush=True)
+    fold_id, fold_source = stacking_folds(exp, covered)
+    stackers, results = evaluate_candidates(exp, bases, X, fold_id)
+    choice = choose(results, exp.task.greater_is_better)
+    print(f"stack: chose {choice.name}: {choice.note}", flush=True)
+
+    final = stackers[choice.name].fit(X[np.flatnonzero(covered)], exp.train.Y[covered])
+    test_pred = None if X_test is None else final.predict_proba(X_test)
+    save_stack(exp, bases, final, choice, results, test_pred,
+               {"rows_excluded": n_excluded, "stacking_folds": fold_source,
+                "seconds": round(time.perf_counter() - started, 3)}, config_hash)
+
+
+def save_stack(exp: Experiment, bases: list[BaseModel], final: Any, choice: Any,
+               results: dict[str, NestedResult], test_pred: np.ndarray | None,
+               info: dict[str, Any], config_hash: str) -> None:
+    """Write the stack folder (DONE last) and the submission."""
+    stack = exp.dir.stack
+    chosen = results[choice.name]
+    used = ~np.isnan(chosen.oof).any(axis=1)
+    metrics = exp.task.metrics(exp.train.Y[used], chosen.oof[used])
+    names = [b.name for b in bases]
+    scores = {
+        "metric_name": exp.task.metric_name,
+        "greater_is_better": exp.task.greater_is_better,
+        "overall": chosen.overall,
+        "extra": {k: v for k, v in metrics.items() if k != "metric"},
+        "per_fold": {str(k): v for k, v in chosen.fold_scores.items()},
+        "rows_validated": int(used.sum()),
+        "chosen": choice.name,
+        "note": choice.note,
+        "candidates": {name: {"overall": r.overall,
+                              "per_fold": {str(k): v for k, v in r.fold_scores.items()},
+                              "seconds": round(r.seconds, 3)} for name, r in results.items()},
+        **info,
+    }
+    summary = final.summary()
+    weights = {"method": choice.name, "models": names, **summary,
+               "weights": dict(zip(names, summary["weights"]))}
+    write_npy(stack.oof_path, chosen.oof)
+    if test_pred is not None:
+        write_npy(stack.test_path, test_pred)
+    write_json(stack.path / WEIGHTS_FILE, weights)
+    write_joblib(stack.path / META_MODEL_FILE,
+                 {"stacker": final, "models": names, "label_names": exp.task.label_names,
+                  "multilabel": exp.task.kind == "multilabel",
+                  "meta_features": exp.cfg.stack.meta_features})
+    if exp.task.kind == "multilabel":
+        write_json(stack.path / THRESHOLDS_FILE,
+                   tune_thresholds(exp.train.Y[used], chosen.oof[used], exp.task.label_names))
+    write_json(stack.scores_path, scores)
+    write_json(stack.config_path, {
+        "settings": {"stack": exp.cfg.stack.model_dump(mode="json"),
+                     "base_models": {b.name: b.done_hash for b in bases}},
+        "versions": library_versions(), "label_names": exp.task.label_names})
+    if test_pred is not None:
+        write_submission(exp, test_pred, f"stack: {choice.name}")
+    stack.mark_done(config_hash)
+    print(f"stack: nested CV {exp.task.metric_name} = {chosen.overall:.5f} "
+          f"({scores['rows_validated']} rows, {info['seconds']:.1f}s)")
+
+
+if __name__ == "__main__":
+    stage_main("stack", run)
