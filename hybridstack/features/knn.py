@@ -1,0 +1,223 @@
+"""Leak-free k-nearest-neighbour label features over embeddings (faiss).
+
+For every row: the similarity-weighted mean label of its ``k`` nearest training
+neighbours, the top similarity and the mean similarity. Computed without leakage:
+
+* The neighbour pool is only the rows a head was fitted on. :class:`KNNFeatureHead`
+  wraps a base head; its ``fit`` builds the index on its training rows and its
+  ``predict_proba`` queries that pool. Because :func:`~hybridstack.heads.base.fit_oof`
+  clones the head per fold, a validation row only ever sees training-fold rows.
+* A training row's own features come from the *other* training rows: every
+  neighbour in the row's exclusion group (the row itself, its exact duplicates and,
+  for pairwise, every row with the same prompt) is dropped by group id, never by
+  position. The same rule applies to validation and test queries, so a model never
+  meets a kind of neighbour at prediction time that it did not see in training.
+* When the pool holds fewer than ``k`` eligible rows the missing neighbours are
+  simply absent (weight 0); a row with none at all gets the pool's label prior.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+
+IndexKind = Literal["flat", "ivf"]
+N_SIMILARITY_FEATURES = 2  # top-1 similarity, mean similarity over the neighbours found
+_WEIGHT_FLOOR = 1e-6  # keeps weights positive when every similarity is <= 0
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 copy of (n, d) ``vectors`` (zero rows stay zero)."""
+    out = np.array(vectors, dtype=np.float32, order="C")
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+def ivf_list_count(n: int) -> int:
+    """Inverted lists for ``n`` vectors: ~4 sqrt(n), and >= 39 training points per list
+    (faiss' k-means minimum)."""
+    return max(1, min(4 * int(np.sqrt(n)), n // 39))
+
+
+def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nprobe: int = 16) -> faiss.Index:
+    """An inner-product index over normalised (n, d) float32 ``vectors``.
+
+    ``"flat"`` is exact; ``"ivf"`` clusters the pool into :func:`ivf_list_count` lists
+    and scans ``nprobe`` of them per query (approximate, much faster on 10^5+ rows).
+    """
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.index_factory(dim, f"IVF{ivf_list_count(n)},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    index.add(vectors)
+    return index
+
+
+def search_excluding_groups(
+    index: faiss.Index,
+    pool_groups: np.ndarray,
+    queries: np.ndarray,
+    query_groups: np.ndarray,
+    k: int,
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest pool rows of each query whose group differs from the query's.
+
+    Parameters
+    ----------
+    index : faiss index over the pool (ntotal rows).
+    pool_groups : (ntotal,) int64 exclusion group of each pool row.
+    queries : (m, d) normalised float32. query_groups : (m,) int64.
+    k : neighbours wanted; fewer are returned when fewer are eligible.
+    batch_size : queries per faiss call, so memory stays bounded.
+
+    Returns
+    -------
+    sims : (m, k) float32, NaN where no neighbour was found.
+    ids : (m, k) int64 pool row ids, -1 where no neighbour was found.
+    """
+    group_values, group_sizes = np.unique(pool_groups, return_counts=True)
+    sims = np.full((len(queries), k), np.nan, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(queries), batch_size):
+        stop = min(start + batch_size, len(queries))
+        batch_groups = query_groups[start:stop]
+        # search deep enough that k neighbours survive dropping the largest own group
+        excluded = _pool_count(group_values, group_sizes, batch_groups).max(initial=0)
+        depth = int(min(index.ntotal, k + excluded))
+        if depth == 0:
+            continue
+        found_sims, found_ids = index.search(queries[start:stop], depth)
+        eligible = found_ids >= 0
+        eligible &= pool_groups[np.maximum(found_ids, 0)] != batch_groups[:, None]
+        # stable sort keeps the similarity order among the eligible neighbours
+        order = np.argsort(~eligible, axis=1, kind="stable")[:, :k]
+        keep = np.take_along_axis(eligible, order, axis=1)
+        width = order.shape[1]
+        sims[start:stop, :width] = np.where(keep, np.take_along_axis(found_sims, order, axis=1), np.nan)
+        ids[start:stop, :width] = np.where(keep, np.take_along_axis(found_ids, order, axis=1), -1)
+    return sims, ids
+
+
+def _pool_count(group_values: np.ndarray, group_sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """How many pool rows share each of ``groups`` (0 for groups absent from the pool)."""
+    if len(group_values) == 0:
+        return np.zeros(len(groups), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(group_values, groups), len(group_values) - 1)
+    return np.where(group_values[pos] == groups, group_sizes[pos], 0)
+
+
+def neighbour_features(sims: np.ndarray, ids: np.ndarray, pool_Y: np.ndarray,
+                       prior: np.ndarray) -> np.ndarray:
+    """Label and similarity features from a neighbour search.
+
+    Parameters
+    ----------
+    sims, ids : (m, k) from :func:`search_excluding_groups`.
+    pool_Y : (ntotal, C) float32 labels of the pool. prior : (C,) used when no neighbour exists.
+
+    Returns
+    -------
+    (m, C + 2) float32: similarity-weighted mean label per column, top-1 similarity,
+    mean similarity of the neighbours found (0 when none).
+    """
+    found = ids >= 0
+    weights = np.where(found, np.maximum(np.nan_to_num(sims), 0.0) + _WEIGHT_FLOOR, 0.0)
+    labels = pool_Y[np.maximum(ids, 0)]  # (m, k, C); rows of missing neighbours get weight 0
+    total = weights.sum(axis=1, keepdims=True)
+    weighted = np.einsum("mk,mkc->mc", weights, labels) / np.where(total > 0, total, 1.0)
+    label_mean = np.where(total > 0, weighted, prior[None, :])
+    n_found = found.sum(axis=1)
+    top = np.where(n_found > 0, np.nan_to_num(sims[:, 0]), 0.0)
+    mean_sim = np.where(n_found > 0, np.nansum(sims, axis=1) / np.maximum(n_found, 1), 0.0)
+    return np.column_stack([label_mean, top, mean_sim]).astype(np.float32)
+
+
+def knn_feature_names(label_names: list[str]) -> list[str]:
+    return [f"knn_{name}" for name in label_names] + ["knn_top_sim", "knn_mean_sim"]
+
+
+class KNNFeatureHead(BaseEstimator):
+    """A head that appends leak-free kNN label features before its base head.
+
+    Input layout: ``X = [features | group]`` where the last column holds each row's
+    exclusion group id (an integer stored as float; rows of one group never see each
+    other) and ``X[:, key_start:key_stop]`` is the kNN key (normalised here). The base
+    head is fitted on ``[features | knn features]``; the group column is dropped.
+
+    Parameters
+    ----------
+    base_head : unfitted head (cloned in ``fit``).
+    key_start, key_stop : column range of the kNN key inside ``X``.
+    k : neighbours per row. index_kind : "flat" (exact) or "ivf" (approximate).
+    nprobe : IVF lists scanned per query. batch_size : queries per faiss call.
+    """
+
+    def __init__(self, base_head: Any, key_start: int = 0, key_stop: int | None = None,
+                 k: int = 20, index_kind: IndexKind = "flat", nprobe: int = 16,
+                 batch_size: int = 4096):
+        self.base_head = base_head
+        self.key_start = key_start
+        self.key_stop = key_stop
+        self.k = k
+        self.index_kind = index_kind
+        self.nprobe = nprobe
+        self.batch_size = batch_size
+
+    def _key_and_groups(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key_stop = X.shape[1] - 1 if self.key_stop is None else self.key_stop
+        return normalize_rows(X[:, self.key_start:key_stop]), X[:, -1].astype(np.int64)
+
+    def _with_knn(self, X: np.ndarray, knn: np.ndarray) -> np.ndarray:
+        return np.hstack([X[:, :-1], knn]).astype(np.float32, copy=False)
+
+    def knn_features(self, X: np.ndarray) -> np.ndarray:
+        """(n, C + 2) kNN features of rows ``X`` against the fitted pool."""
+        key, groups = self._key_and_groups(X)
+        sims, ids = search_excluding_groups(self.index_, self.pool_groups_, key, groups,
+                                            self.k, self.batch_size)
+        return neighbour_features(sims, ids, self.pool_Y_, self.prior_)
+
+    def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray | None = None,
+            Y_val: np.ndarray | None = None) -> KNNFeatureHead:
+        """Index the training rows, give each one features from the other groups, fit the base head.
+
+        X : (n, d + 1) features with the group column last. Y : (n, C) float32 target.
+        X_val, Y_val : optional validation rows (same layout), passed on for early stopping.
+        """
+        key, groups = self._key_and_groups(X)
+        self.pool_Y_ = np.asarray(Y, dtype=np.float32)
+        self.pool_groups_ = groups
+        self.prior_ = self.pool_Y_.mean(axis=0)
+        self.index_ = build_index(key, self.index_kind, self.nprobe)
+        train_knn = self.knn_features(X)  # every row's own group is excluded: leave-group-out
+        val = None if X_val is None else self._with_knn(X_val, self.knn_features(X_val))
+        self.base_head_ = clone(self.base_head).fit(self._with_knn(X, train_knn), Y, val, Y_val)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(n, C) float32 probabilities of the base head on ``[features | knn features]``."""
+        return self.base_head_.predict_proba(self._with_knn(X, self.knn_features(X)))
+
+    @property
+    def best_iteration_(self) -> int | None:
+        return getattr(self.base_head_, "best_iteration_", None)
+
+    # faiss indexes are SWIG objects: pickle them (FoldStore uses joblib) as serialised bytes
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # a copy: the live object keeps its index
+        if "index_" in state:
+            state["index_"] = faiss.serialize_index(state["index_"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "index_" in state:
+            state = {**state, "index_": faiss.deserialize_index(state["index_"])}
+        super().__setstate__(state)
