@@ -184,6 +184,11 @@ def detect(train: pd.DataFrame, test_columns: list[str] | None, hints: Detection
         The test file's columns (labels are the train columns missing from it), if any.
     hints : DetectionHints
         The user's flags.
+
+    Returns
+    -------
+    Detection
+        The kind, the columns of each role and one line of reason per choice.
     """
     columns = list(train.columns)
     _require(columns, [c for c in [hints.id_column, *hints.text_columns, *hints.label_columns] if c])
@@ -200,14 +205,17 @@ def detect(train: pd.DataFrame, test_columns: list[str] | None, hints: Detection
         return Detection(kind, id_column, list(text), list(labels), reasons)
     candidates = [c for c in columns if c != id_column and c not in hints.text_columns
                   and (test_columns is None or c not in test_columns)]
+    if kind == "multiclass" and len(hints.label_columns) > 1:
+        raise HybridstackError("multiclass takes one --label-column; for several 0/1 labels pass --kind multilabel")
     if hints.label_columns:
         labels = list(hints.label_columns)
     elif kind == "multilabel":
         labels = _detect_multilabel(train, candidates)
     else:
         labels = [_detect_label(train, candidates, test_columns is not None)]
-    text = hints.text_columns or [_detect_text(train, [c for c in columns if c != id_column and c not in labels
-                                                       and (test_columns is None or c in test_columns)])]
+    text_candidates = [c for c in columns if c != id_column and c not in labels
+                       and (test_columns is None or c in test_columns)]
+    text = hints.text_columns or [_detect_text(train, text_candidates)]
     reasons = [why, f"labels: {', '.join(labels)}", f"text: {', '.join(text)}"]
     return Detection(kind, id_column, text, labels, reasons)
 
