@@ -94,12 +94,16 @@ class Task(ABC):
     def parse(self, table: Table, labelled: bool) -> Dataset:
         """Validate ``table`` and return the Dataset (``labelled``: read the target too)."""
         frame = table.frame
-        needed = [self.cfg.id_column, *self.text_columns()]
-        if labelled:
-            needed += self.label_columns()
+        needed = [*self.text_columns(), *(self.label_columns() if labelled else [])]
         require_columns(table, needed, hint="set the column names in [task]")
-        ids = frame[self.cfg.id_column].astype(str).to_numpy()
-        _check_unique_ids(ids, table.path.name, self.cfg.id_column)
+        if self.cfg.id_column in frame.columns:
+            ids = frame[self.cfg.id_column].astype(str).to_numpy()
+            _check_unique_ids(ids, table.path.name, self.cfg.id_column)
+        else:
+            # plain text+label CSVs often have no id: the row number serves as one
+            log.info("%s: no id column '%s'; using the row number as id", table.path.name,
+                     self.cfg.id_column)
+            ids = np.arange(len(frame)).astype(str)
         fields = self.render_fields(frame, table.path.name)
         n_empty = _count_empty(fields)
         if n_empty:

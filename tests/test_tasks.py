@@ -169,3 +169,11 @@ def test_multiclass_single_column_submission():
     sub3 = three.submission_frame(np.array(["a", "b"]), np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]),
                                   sample)
     assert sub3["label"].tolist() == ["y", "x"]
+
+
+def test_missing_id_column_uses_row_number(tmp_path):
+    task = MulticlassTask(TaskConfig(kind="multiclass"), CleanConfig())
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nhello,a\nworld,b\n")
+    ds = task.parse(read_table(path), labelled=True)
+    assert ds.ids.tolist() == ["0", "1"]
