@@ -19,6 +19,7 @@ are encoded again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -73,9 +74,18 @@ def model_fingerprint(folder: Path) -> str:
     Two folders with the same name but other weights (or tokenizer, pooling config) get
     different fingerprints; the same files copied elsewhere get the same one.
     Documentation and alternative-backend exports (onnx/, openvino/) are left out.
+    Memoized per process on the files' sizes and modification times.
     """
+    files = tuple(sorted(_model_files(folder)))
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(folder, files, stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(folder: Path, files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) -> str:
+    # ``stats`` is only part of the memo key: an edited file gets a fresh digest
     digest = hashlib.sha256()
-    for path in sorted(_model_files(folder)):
+    for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(_file_sha256(path).encode())
     return digest.hexdigest()
