@@ -1,0 +1,204 @@
+"""The stack stage end to end on tiny synthetic competitions with two TF-IDF base models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+
+from hybridstack.errors import HybridstackError
+from hybridstack.experiment import open_experiment
+from hybridstack.runs import ExperimentDir, write_json, write_npy
+from hybridstack.stages import stack, tfidf
+
+TWO_MODELS = {"models": [{"name": "a", "C": 4.0}, {"name": "b", "C": 0.5}]}
+FAST_STACK = {"enabled": True, "methods": ["weighted", "logreg"]}
+
+
+@pytest.fixture
+def stacked(make_config):
+    """``stacked(kind, stack=..., **sections)`` -> (cfg, ExperimentDir) after tfidf with models a, b."""
+
+    def factory(kind: str = "multilabel", stack_section: dict | None = None, n_train: int = 150):
+        cfg, _ = make_config(kind, n_train=n_train, tfidf=TWO_MODELS,
+                             stack={**FAST_STACK, **(stack_section or {})})
+        tfidf.run(cfg)
+        return cfg, ExperimentDir(cfg.run_dir)
+
+    return factory
+
+
+def fake_model(exp_dir: ExperimentDir, name: str, oof: np.ndarray, test: np.ndarray,
+               label_names: list[str], per_fold: dict | None = None) -> None:
+    """A finished base model folder written directly (as another stage would)."""
+    model = exp_dir.model(name)
+    write_npy(model.oof_path, oof.astype(np.float32))
+    write_npy(model.test_path, test.astype(np.float32))
+    write_json(model.scores_path, {"overall": 0.0, "per_fold": per_fold or {}, "seconds": 1.0,
+                                   "metric_name": "m", "greater_is_better": True})
+    write_json(model.config_path, {"settings": {}, "label_names": label_names})
+    model.mark_done(f"fake-{name}")
+
+
+def copy_of(exp_dir: ExperimentDir, source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    model = exp_dir.model(source)
+    return model.load_oof(), model.load_test(), json.loads(model.config_path.read_text())["label_names"]
+
+
+def test_stack_writes_every_file_and_a_valid_submission(stacked):
+    cfg, exp_dir = stacked("multilabel", {"methods": ["weighted", "logreg", "lgbm"]})
+    stack.run(cfg)
+    folder = exp_dir.stack
+    for name in ("oof.npy", "test.npy", "scores.json", "config.json", "weights.json",
+                 "meta_model.joblib", "thresholds.json", "DONE"):
+        assert (folder.path / name).is_file(), name
+    scores = folder.load_scores()
+    assert set(scores["candidates"]) == {"single:a", "single:b", "weighted", "logreg", "lgbm"}
+    assert scores["overall"] == scores["candidates"][scores["chosen"]]["overall"]
+    assert scores["rows_excluded"] == 0 and scores["rows_validated"] == 150
+    assert folder.load_oof().shape == (150, 6) and folder.load_test().shape == (40, 6)
+
+    weights = json.loads((folder.path / "weights.json").read_text())
+    assert set(weights["weights"]) == {"a", "b"}
+    assert sum(weights["weights"].values()) == pytest.approx(1.0)
+    assert min(weights["weights"].values()) >= 0
+    thresholds = json.loads((folder.path / "thresholds.json").read_text())
+    assert set(thresholds) == set(cfg.task.label_columns)
+    assert all(0 <= t["f1"] <= 1 for t in thresholds.values())
+
+    exp = open_experiment(cfg)
+    sub = pd.read_csv(exp_dir.submission_path, dtype={"id": str})
+    exp.task.validate_submission(sub, exp.sample, exp.test.ids)
+    assert list(sub.columns) == list(exp.sample.columns)
+    expected = folder.load_test()[pd.Index(exp.test.ids).get_indexer(sub["id"])]
+    np.testing.assert_allclose(sub[exp.task.label_names].to_numpy(), expected, rtol=1e-6)
+
+
+def test_pairwise_stack_submission_rows_sum_to_one(make_config):
+    cfg, _ = make_config("pairwise", stack=FAST_STACK)
+    exp = open_experiment(cfg)
+    exp_dir, rng = exp.dir, np.random.default_rng(0)
+    for name, signal in (("sharp", 3.0), ("blunt", 1.0)):  # base models written directly: fast
+        logits = signal * exp.train.Y + rng.normal(size=exp.train.Y.shape)
+        test_logits = rng.normal(size=(len(exp.test), 3))
+        fake_model(exp_dir, name, softmax(logits, axis=1), softmax(test_logits, axis=1),
+                   exp.task.label_names)
+    stack.run(cfg)
+    sub = pd.read_csv(exp_dir.submission_path, dtype={"id": str})
+    exp.task.validate_submission(sub, exp.sample, exp.test.ids)
+    np.testing.assert_allclose(sub[exp.task.label_names].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_skipped_when_done_and_rerun_when_the_base_models_change(stacked, capsys):
+    cfg, exp_dir = stacked("multiclass")
+    stack.run(cfg)
+    first = exp_dir.stack.done_path.read_text()
+    capsys.readouterr()
+    stack.run(cfg)
+    assert "nested" not in capsys.readouterr().out  # skipped: nothing recomputed
+    oof, test, labels = copy_of(exp_dir, "a")
+    fake_model(exp_dir, "c", oof, test, labels)
+    stack.run(cfg)
+    assert "single:c" in exp_dir.stack.load_scores()["candidates"]
+    assert exp_dir.stack.done_path.read_text() != first
+
+
+def test_nan_rows_are_excluded_and_counted(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    folds = np.load(exp_dir.folds_path)
+    oof, test, labels = copy_of(exp_dir, "b")
+    oof[folds == 2] = np.nan  # e.g. a fine-tune trained on folds 0 and 1 only
+    fake_model(exp_dir, "partial", oof, test, labels)
+    stack.run(cfg)
+    scores = exp_dir.stack.load_scores()
+    assert scores["rows_excluded"] == int((folds == 2).sum())
+    assert scores["rows_validated"] == int((folds != 2).sum())
+    assert scores["stacking_folds"] == "outer folds"
+    stacked_oof = exp_dir.stack.load_oof()
+    assert np.isnan(stacked_oof[folds == 2]).all() and not np.isnan(stacked_oof[folds != 2]).any()
+
+
+def test_rows_covered_in_one_fold_only_are_resplit(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    folds = np.load(exp_dir.folds_path)
+    oof, test, labels = copy_of(exp_dir, "b")
+    oof[folds != 0] = np.nan  # a fine-tune validated on fold 0 only
+    fake_model(exp_dir, "fold0", oof, test, labels)
+    stack.run(cfg)
+    scores = exp_dir.stack.load_scores()
+    assert scores["rows_validated"] == int((folds == 0).sum())
+    assert scores["stacking_folds"].startswith("covered rows lie in one outer fold")
+    assert len(scores["per_fold"]) == cfg.cv.n_splits
+
+
+def test_single_base_model_falls_back_to_it(stacked):
+    cfg, exp_dir = stacked("multilabel", {"models": ["a"]})
+    stack.run(cfg)
+    scores = exp_dir.stack.load_scores()
+    assert scores["chosen"] == "single:a" and "only one base model" in scores["note"]
+    np.testing.assert_array_equal(exp_dir.stack.load_test(), exp_dir.model("a").load_test())
+    assert scores["overall"] == pytest.approx(exp_dir.model("a").load_scores()["overall"])
+
+
+def test_stacker_that_does_not_beat_the_best_model_falls_back(stacked):
+    # a blend of a model with its own copy equals that model: AUC ties, so no stacker wins
+    cfg, exp_dir = stacked("multilabel", {"models": ["a", "a_copy"], "methods": ["weighted"]})
+    fake_model(exp_dir, "a_copy", *copy_of(exp_dir, "a"))
+    stack.run(cfg)
+    scores = exp_dir.stack.load_scores()
+    assert scores["chosen"] in ("single:a", "single:a_copy")
+    assert "falling back" in scores["note"]
+    np.testing.assert_array_equal(exp_dir.stack.load_test(), exp_dir.model("a").load_test())
+
+
+def _one_line_error(cfg, match: str) -> None:
+    with pytest.raises(HybridstackError, match=match) as err:
+        stack.run(cfg)
+    assert "\n" not in str(err.value)
+    assert not (cfg.run_dir / "stack" / "DONE").exists()
+
+
+def test_refuses_a_model_with_other_row_counts(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    oof, test, labels = copy_of(exp_dir, "a")
+    fake_model(exp_dir, "short", oof[:-5], test, labels)
+    _one_line_error(cfg, r"models/short/oof.npy has shape \(145, 6\)")
+
+
+def test_refuses_a_model_with_other_label_columns(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    oof, test, labels = copy_of(exp_dir, "a")
+    fake_model(exp_dir, "renamed", oof, test, labels[::-1])
+    _one_line_error(cfg, "models/renamed: columns .* differ")
+
+
+def test_refuses_a_model_validated_on_other_folds(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    oof, test, labels = copy_of(exp_dir, "a")
+    # per-fold scores recorded under another fold assignment do not match these folds
+    per_fold = {str(k): v + 0.01 for k, v in exp_dir.model("a").load_scores()["per_fold"].items()}
+    fake_model(exp_dir, "other_folds", oof, test, labels, per_fold)
+    _one_line_error(cfg, "models/other_folds was validated on other folds")
+
+
+def test_refuses_a_model_with_a_partly_predicted_fold(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    oof, test, labels = copy_of(exp_dir, "a")
+    oof[:7] = np.nan  # NaN rows that do not follow this experiment's folds
+    fake_model(exp_dir, "ragged", oof, test, labels)
+    _one_line_error(cfg, "ragged was validated on other folds .*partly predicted")
+
+
+def test_refuses_unknown_model_names(stacked):
+    cfg, _ = stacked("multilabel", {"models": ["a", "nope"]})
+    _one_line_error(cfg, "stack.models: nope not finished")
+
+
+def test_disabled_stage_writes_nothing(make_config, capsys):
+    cfg, _ = make_config("multiclass", stack={"enabled": False})
+    stack.run(cfg)
+    assert "disabled" in capsys.readouterr().out
+    assert not (cfg.run_dir / "stack").exists()
