@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import KNeighborsClassifier
 
 from hybridstack.ensembles import make_stacker
-from hybridstack.ensembles.inputs import StackInput, length_features
+from hybridstack.ensembles.inputs import StackInput
 from hybridstack.ensembles.meta import LGBMMeta, LogRegMeta, SelectModel
 from hybridstack.ensembles.nested import SINGLE_PREFIX, NestedResult, choose, nested_oof
 from hybridstack.ensembles.thresholds import apply_thresholds, tune_thresholds
@@ -262,12 +262,10 @@ def test_thresholds_of_a_label_without_positives():
     assert tune_thresholds(Y, np.full((10, 1), 0.2), ["x"])["x"]["f1"] == 0.0
 
 
-def test_stack_input_rows_coverage_and_lengths():
+def test_stack_input_rows_and_coverage():
     probs = np.full((4, 2, 3), 0.5, dtype=np.float32)
     probs[1, 0] = np.nan
     X = StackInput(probs, np.arange(4, dtype=np.float32)[:, None])
     np.testing.assert_array_equal(X.covered_rows(), [True, False, True, True])
     assert X[np.array([2, 3])].meta[:, 0].tolist() == [2, 3]
     assert X.flat_logits().shape == (4, 6)
-    lengths = length_features({"text": ["a bb", ""]})
-    np.testing.assert_allclose(lengths, np.log1p([[4, 2], [0, 0]]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -202,3 +203,21 @@ def test_disabled_stage_writes_nothing(make_config, capsys):
     stack.run(cfg)
     assert "disabled" in capsys.readouterr().out
     assert not (cfg.run_dir / "stack").exists()
+
+
+def test_meta_features_reach_the_lgbm_stacker(stacked):
+    cfg, exp_dir = stacked("multilabel", {"methods": ["lgbm"], "meta_features": True})
+    stack.run(cfg)
+    assert "lgbm" in exp_dir.stack.load_scores()["candidates"]
+    saved = joblib.load(exp_dir.stack.path / "meta_model.joblib")
+    assert saved["meta_features"] and saved["models"] == ["a", "b"]
+    lgbm = stack.make_stacker("lgbm").fit(*_lgbm_inputs(cfg, exp_dir))
+    boosters = [m for m in lgbm.models_ if not isinstance(m, float)]
+    assert boosters[0].num_feature() == 2 * 6 + 6  # 2 models x 6 labels + 6 length counts
+
+
+def _lgbm_inputs(cfg, exp_dir):
+    exp = open_experiment(cfg)
+    bases = stack.select_base_models(exp)
+    X, _ = stack.build_inputs(exp, bases)
+    return X, exp.train.Y

@@ -66,15 +66,3 @@ class StackInput:
         """(n,) bool: rows that every base model predicted (no NaN)."""
         return ~np.isnan(self.probs).any(axis=(1, 2))
 
-
-def length_features(fields: dict[str, list[str]]) -> np.ndarray:
-    """(n, 2 * n_fields) float32: log1p of character and word counts of each text field.
-
-    Length is a cheap signal the base models see only indirectly (long answers win on
-    LMSYS; very short comments are rarely toxic), so a tree meta-model can use it.
-    """
-    columns = []
-    for texts in fields.values():
-        columns.append([len(t) for t in texts])
-        columns.append([len(t.split()) for t in texts])
-    return np.log1p(np.asarray(columns, dtype=np.float64).T).astype(np.float32)

@@ -19,12 +19,13 @@ import numpy as np
 
 from hybridstack.config import Config
 from hybridstack.ensembles import make_stacker
-from hybridstack.ensembles.inputs import StackInput, length_features
+from hybridstack.ensembles.inputs import StackInput
 from hybridstack.ensembles.meta import SelectModel
 from hybridstack.ensembles.nested import SINGLE_PREFIX, NestedResult, choose, nested_oof
 from hybridstack.ensembles.thresholds import tune_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment, open_experiment
+from hybridstack.features.lengths import log_counts
 from hybridstack.folds import make_folds
 from hybridstack.runs import ModelDir, read_json, write_joblib, write_json, write_npy
 from hybridstack.stages.common import (
@@ -186,16 +187,25 @@ def evaluate_candidates(exp: Experiment, bases: list[BaseModel], X: StackInput,
 # -- the stage ------------------------------------------------------------------------------
 
 
+def meta_features(fields: dict[str, list[str]]) -> np.ndarray:
+    """(n, 6 * n_fields) log length/structure counts of every text field, for the LightGBM stacker.
+
+    The base models see length only indirectly (long answers win on LMSYS; very short
+    comments are rarely toxic), so a tree meta-model can still gain from it.
+    """
+    return np.hstack([log_counts(texts) for texts in fields.values()])
+
+
 def build_inputs(exp: Experiment, bases: list[BaseModel]) -> tuple[StackInput, StackInput | None]:
     """Train and test StackInputs (test is None without a test file)."""
     multilabel = exp.task.kind == "multilabel"
     use_meta = exp.cfg.stack.meta_features
     train = StackInput(np.stack([b.oof for b in bases], axis=1),
-                       length_features(exp.train.fields) if use_meta else None, multilabel)
+                       meta_features(exp.train.fields) if use_meta else None, multilabel)
     if exp.test is None:
         return train, None
     test = StackInput(np.stack([b.test for b in bases], axis=1),
-                      length_features(exp.test.fields) if use_meta else None, multilabel)
+                      meta_features(exp.test.fields) if use_meta else None, multilabel)
     return train, test
 
 
