@@ -1,0 +1,165 @@
+"""kNN label features: no leakage across folds, self/duplicate exclusion by group, small pools, IVF."""
+
+from __future__ import annotations
+
+import io
+
+import joblib
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import roc_auc_score
+
+from hybridstack.features.knn import (
+    KNNFeatureHead,
+    build_index,
+    neighbour_features,
+    normalize_rows,
+    search_excluding_groups,
+)
+from hybridstack.heads.base import fit_oof
+from hybridstack.heads.logreg import LogRegHead
+
+
+class LabelMeanProbe(BaseEstimator):
+    """A base head that predicts the kNN label-mean columns it is given, and remembers its fit input."""
+
+    def fit(self, X, Y, X_val=None, Y_val=None):
+        self.n_classes_ = Y.shape[1]
+        self.fit_X_ = X
+        return self
+
+    def predict_proba(self, X):
+        return X[:, -(self.n_classes_ + 2):-2]  # [..., label means, top sim, mean sim]
+
+
+def with_groups(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    return np.hstack([X, groups[:, None]]).astype(np.float32)
+
+
+def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, spread: float = 0.3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim))
+    cluster = rng.integers(n_clusters, size=n)
+    return (centres[cluster] + spread * rng.normal(size=(n, dim))).astype(np.float32), cluster
+
+
+def no_score(Y, P):
+    return 0.0
+
+
+def test_real_labels_score_high_and_permuted_labels_stay_at_chance():
+    X, cluster = clustered(600, 16, 6)
+    folds = np.arange(600) % 3
+    Xg = with_groups(X, np.arange(600))
+    Y = (cluster % 2 == 0).astype(np.float32)[:, None]
+    oof = fit_oof(KNNFeatureHead(LabelMeanProbe(), k=10), Xg, Y, folds, score=no_score).oof
+    assert roc_auc_score(Y[:, 0], oof[:, 0]) > 0.95
+    # A leak (a row seeing itself or its own fold) would make shuffled labels predictable.
+    shuffled = np.random.default_rng(1).permutation(Y)
+    oof = fit_oof(KNNFeatureHead(LabelMeanProbe(), k=10), Xg, shuffled, folds, score=no_score).oof
+    assert abs(roc_auc_score(shuffled[:, 0], oof[:, 0]) - 0.5) < 0.08
+
+
+def test_validation_rows_never_see_their_own_folds_labels():
+    # Each fold is its own tight cluster, so a row's nearest rows are all in its fold;
+    # the label is the fold itself, so any same-fold neighbour would show up in column k.
+    n_folds, n = 3, 90
+    folds = np.arange(n) % n_folds
+    rng = np.random.default_rng(0)
+    X = (np.eye(8)[folds] + 0.05 * rng.normal(size=(n, 8))).astype(np.float32)
+    Y = np.eye(n_folds, dtype=np.float32)[folds]
+    oof = fit_oof(KNNFeatureHead(LabelMeanProbe(), k=5), with_groups(X, np.arange(n)), Y, folds,
+                  score=no_score).oof
+    assert np.all(oof[np.arange(n), folds] == 0.0)
+
+
+def test_training_rows_exclude_themselves_and_duplicates_by_group_id():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(100, 16)).astype(np.float32)
+    order = rng.permutation(200)  # twins sit at unrelated positions
+    X, pair = np.concatenate([base, base])[order], np.concatenate([np.arange(100)] * 2)[order]
+    Y = rng.integers(0, 2, size=(200, 1)).astype(np.float32)
+
+    dup_aware = KNNFeatureHead(LabelMeanProbe(), k=3).fit(with_groups(X, pair), Y)
+    top_sim = dup_aware.base_head_.fit_X_[:, -2]
+    assert top_sim.max() < 0.99  # neither the row nor its exact twin was a neighbour
+
+    # With one group per row only the row itself is excluded, so each finds its twin at 1.0.
+    per_row = KNNFeatureHead(LabelMeanProbe(), k=3).fit(with_groups(X, np.arange(200)), Y)
+    np.testing.assert_allclose(per_row.base_head_.fit_X_[:, -2], 1.0, atol=1e-5)
+
+
+def test_k_larger_than_the_pool_uses_every_other_row():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5, 4)).astype(np.float32)
+    Y = np.array([[1.0], [0.0], [1.0], [0.0], [1.0]], dtype=np.float32)
+    head = KNNFeatureHead(LabelMeanProbe(), k=20).fit(with_groups(X, np.arange(5)), Y)
+    features = head.base_head_.fit_X_[:, -3:]  # [label mean, top sim, mean sim]
+    unit = normalize_rows(X)
+    sims = unit @ unit.T
+    for i in range(5):
+        others = np.delete(np.arange(5), i)
+        weights = np.maximum(sims[i, others], 0) + 1e-6
+        expected = [np.sum(weights * Y[others, 0]) / weights.sum(), sims[i, others].max(),
+                    sims[i, others].mean()]
+        np.testing.assert_allclose(features[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_search_marks_missing_neighbours_and_falls_back_to_the_prior():
+    vectors = normalize_rows(np.eye(3, dtype=np.float32))
+    index = build_index(vectors)
+    pool_groups = np.array([7, 7, 8])
+    sims, ids = search_excluding_groups(index, pool_groups, vectors, pool_groups, k=4)
+    # rows 0 and 1 share group 7: each sees only row 2; row 2 sees both (tied, in any order)
+    assert ids[:2].tolist() == [[2, -1, -1, -1], [2, -1, -1, -1]]
+    assert sorted(ids[2, :2].tolist()) == [0, 1] and ids[2, 2:].tolist() == [-1, -1]
+    assert np.isnan(sims[0, 1:]).all()
+    lonely_sims, lonely_ids = search_excluding_groups(build_index(vectors[:2]), pool_groups[:2],
+                                                      vectors[:1], np.array([7]), k=2)
+    prior = np.array([0.25], dtype=np.float32)
+    feats = neighbour_features(lonely_sims, lonely_ids, np.ones((2, 1), np.float32), prior)
+    assert feats.tolist() == [[0.25, 0.0, 0.0]]
+
+
+def test_small_query_batches_give_the_same_neighbours():
+    X, _ = clustered(300, 8, 5)
+    unit = normalize_rows(X)
+    groups = np.arange(300) // 2
+    index = build_index(unit)
+    whole = search_excluding_groups(index, groups, unit, groups, k=7)
+    batched = search_excluding_groups(index, groups, unit, groups, k=7, batch_size=16)
+    np.testing.assert_array_equal(whole[1], batched[1])
+
+
+def test_ivf_index_finds_nearly_the_exact_neighbours_and_survives_pickling():
+    X, cluster = clustered(3000, 32, 20, spread=0.5)
+    unit = normalize_rows(X)
+    groups = np.arange(3000)
+    exact = search_excluding_groups(build_index(unit, "flat"), groups, unit, groups, k=5)[1]
+    ivf_index = build_index(unit, "ivf", nprobe=8)
+    assert ivf_index.nlist > 1
+    approx = search_excluding_groups(ivf_index, groups, unit, groups, k=5)[1]
+    assert np.mean(exact[:, 0] == approx[:, 0]) > 0.9
+
+    Y = np.eye(2, dtype=np.float32)[cluster % 2]
+    Xg = with_groups(X, groups)
+    head = KNNFeatureHead(LogRegHead(), k=5, index_kind="ivf", nprobe=8).fit(Xg[:2500], Y[:2500])
+    buffer = io.BytesIO()
+    joblib.dump(head, buffer)
+    buffer.seek(0)
+    restored = joblib.load(buffer)
+    np.testing.assert_array_equal(restored.predict_proba(Xg[2500:]), head.predict_proba(Xg[2500:]))
+    assert np.mean(head.predict_proba(Xg[2500:]).argmax(1) == Y[2500:].argmax(1)) > 0.9
+
+
+def test_key_columns_select_the_neighbour_key():
+    # Only the first 4 columns are the key; the rest are noise that must not change neighbours.
+    rng = np.random.default_rng(0)
+    key = rng.normal(size=(50, 4)).astype(np.float32)
+    noisy = np.hstack([key, 100 * rng.normal(size=(50, 6)).astype(np.float32)])
+    Y = rng.integers(0, 2, size=(50, 1)).astype(np.float32)
+    groups = np.arange(50)
+    keyed = KNNFeatureHead(LabelMeanProbe(), key_start=0, key_stop=4, k=3)
+    keyed.fit(with_groups(noisy, groups), Y)
+    plain = KNNFeatureHead(LabelMeanProbe(), k=3).fit(with_groups(key, groups), Y)
+    np.testing.assert_array_equal(keyed.base_head_.fit_X_[:, -3:], plain.base_head_.fit_X_[:, -3:])
