@@ -221,3 +221,13 @@ def _lgbm_inputs(cfg, exp_dir):
     bases = stack.select_base_models(exp)
     X, _ = stack.build_inputs(exp, bases)
     return X, exp.train.Y
+
+
+def test_refuses_models_without_a_shared_validated_row(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    folds = np.load(exp_dir.folds_path)
+    for name, fold in (("only0", 0), ("only1", 1)):
+        oof, test, labels = copy_of(exp_dir, "a")
+        oof[folds != fold] = np.nan
+        fake_model(exp_dir, name, oof, test, labels)
+    _one_line_error(cfg, "no train row is predicted by every chosen base model")

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 
 from hybridstack.config import Config
 from hybridstack.ensembles import make_stacker
 from hybridstack.ensembles.inputs import StackInput
 from hybridstack.ensembles.meta import SelectModel
-from hybridstack.ensembles.nested import SINGLE_PREFIX, NestedResult, choose, nested_oof
+from hybridstack.ensembles.nested import SINGLE_PREFIX, Choice, NestedResult, choose, nested_oof
 from hybridstack.ensembles.thresholds import tune_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment, open_experiment
@@ -234,14 +235,14 @@ def run(cfg: Config) -> None:
     choice = choose(results, exp.task.greater_is_better)
     print(f"stack: chose {choice.name}: {choice.note}", flush=True)
 
-    final = stackers[choice.name].fit(X[np.flatnonzero(covered)], exp.train.Y[covered])
+    final = clone(stackers[choice.name]).fit(X[np.flatnonzero(covered)], exp.train.Y[covered])
     test_pred = None if X_test is None else final.predict_proba(X_test)
     save_stack(exp, bases, final, choice, results, test_pred,
                {"rows_excluded": n_excluded, "stacking_folds": fold_source,
                 "seconds": round(time.perf_counter() - started, 3)}, config_hash)
 
 
-def save_stack(exp: Experiment, bases: list[BaseModel], final: Any, choice: Any,
+def save_stack(exp: Experiment, bases: list[BaseModel], final: Any, choice: Choice,
                results: dict[str, NestedResult], test_pred: np.ndarray | None,
                info: dict[str, Any], config_hash: str) -> None:
     """Write the stack folder (DONE last) and the submission."""
