@@ -1,0 +1,143 @@
+"""Loading the backbone and tokenizer, the optimizer, the loss and the precision choice."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from hybridstack.errors import HybridstackError, one_line
+
+log = logging.getLogger(__name__)
+
+# Config attributes that hold a dropout rate in common encoders (BERT, DeBERTa-v2/v3,
+# RoBERTa, ELECTRA, DistilBERT); ``finetune.dropout`` overrides whichever exist.
+DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                 "pooler_dropout", "cls_dropout", "dropout", "attention_dropout",
+                 "seq_classif_dropout")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# Files one of which every saved Hugging Face tokenizer has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spm.model", "vocab.txt",
+                   "vocab.json", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: Path, key: str = "finetune.model"):
+    """The tokenizer saved in ``path``; one error line when there is none that loads."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would silently build an empty-vocabulary tokenizer from config.json
+        raise HybridstackError(
+            f"{key}: no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)}); "
+            "save one there with tokenizer.save_pretrained"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # transformers raises many types for a broken/missing tokenizer
+        raise HybridstackError(
+            f"{key}: cannot load a tokenizer from {path} ({type(err).__name__}: "
+            f"{one_line(str(err))[:200]}); save one there with tokenizer.save_pretrained"
+        ) from None
+
+
+def load_classifier(path: Path, label_names: list[str], multilabel: bool,
+                    dropout: float | None = None, key: str = "finetune.model"):
+    """AutoModelForSequenceClassification from ``path`` with a fresh head of C outputs.
+
+    Parameters
+    ----------
+    path : folder written by ``save_pretrained``.
+    label_names : the C output columns (become id2label).
+    multilabel : sigmoid/BCE problem type instead of softmax/cross-entropy.
+    dropout : when given, replaces every dropout rate of the backbone and head.
+    """
+    try:
+        config = AutoConfig.from_pretrained(
+            str(path), num_labels=len(label_names),
+            problem_type="multi_label_classification" if multilabel else "single_label_classification",
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+        if dropout is not None:
+            for attr in DROPOUT_ATTRS:
+                if hasattr(config, attr):
+                    setattr(config, attr, dropout)
+        # a head fine-tuned for another label count is replaced, not an error
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise HybridstackError(
+            f"{key}: cannot load a sequence-classification model from {path} "
+            f"({type(err).__name__}: {one_line(str(err))[:200]})"
+        ) from None
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices and embeddings only, never biases or LayerNorm (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def class_weights(Y: np.ndarray) -> np.ndarray:
+    """Per-label BCE weights: inverse positive rate, normalised to sum to K (CleanSpeech).
+
+    Parameters
+    ----------
+    Y : (n, K) 0/1 targets of the training rows.
+
+    Returns
+    -------
+    (K,) float32 weights; a label with no positive counts as one positive in n rows.
+    """
+    rate = np.maximum(Y.mean(axis=0), 1.0 / len(Y))
+    inverse = 1.0 / rate
+    return (inverse / inverse.sum() * Y.shape[1]).astype(np.float32)
+
+
+def make_loss(multilabel: bool, label_smoothing: float = 0.0,
+              weights: np.ndarray | None = None) -> LossFn:
+    """``loss(logits, Y)`` for float32 targets Y of shape (b, C).
+
+    Single-label: cross-entropy with label smoothing (Y one-hot, or soft after swaps).
+    Multilabel: binary cross-entropy, each label column scaled by ``weights`` (K,).
+    """
+    if not multilabel:
+        return lambda logits, Y: F.cross_entropy(logits, Y, label_smoothing=label_smoothing)
+    weight = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+
+    def weighted_bce(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        w = None if weight is None else weight.to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits, Y, weight=w)
+
+    return weighted_bce
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Sigmoid per label (multilabel) or softmax over classes."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto``: bf16 on compute capability >= 8 (A100, H100), fp16 below (T4, V100), fp32 on CPU.
+
+    An explicit fp16 on a machine without CUDA falls back to fp32 (CPU autocast is bf16 only).
+    """
+    if not torch.cuda.is_available():
+        if setting == "fp16":
+            log.warning("finetune.mixed_precision = fp16 needs a GPU; training in fp32 on CPU")
+            return "no"
+        return "no" if setting == "auto" else setting
+    if setting != "auto":
+        return setting
+    major, _ = torch.cuda.get_device_capability()
+    return "bf16" if major >= 8 else "fp16"

@@ -1,0 +1,195 @@
+"""Stage finetune: full fine-tuning of a transformer classifier per fold, on 1..N devices.
+
+Writes ``models/<name>/`` like every base model (oof.npy, test.npy, scores.json,
+config.json, DONE), plus ``fold_<k>/best/`` (the best epoch, save_pretrained) and
+``fold_<k>/pred.npz`` (the finished fold's predictions, so a re-run skips it).
+Run data-parallel with ``hybridstack run finetune -c cfg.toml --num-processes N``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+
+import numpy as np
+from accelerate import Accelerator
+
+from hybridstack.config import Config, FinetuneConfig
+from hybridstack.errors import HybridstackError
+from hybridstack.experiment import Experiment, open_experiment
+from hybridstack.finetune.checkpoint import FoldCheckpoints
+from hybridstack.finetune.data import EncodedRows, Renderer
+from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
+from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
+from hybridstack.folds import fold_rows
+from hybridstack.heads.base import FoldStore, OOFResult
+from hybridstack.models import EMBEDDED_MINILM, resolve_model
+from hybridstack.runs import ModelDir, write_json, write_with
+from hybridstack.stages.common import (
+    require_enabled,
+    save_model_outputs,
+    skip_if_done,
+    stage_main,
+    write_best_submission,
+)
+
+log = logging.getLogger(__name__)
+
+# Settings that never change a fold's result: editing them reuses finished folds.
+_NOT_HASHED = {"enabled", "folds", "num_workers"}
+
+
+def model_folder_name(cfg: FinetuneConfig) -> str:
+    """``finetune.name``, else derived from the model: microsoft/deberta-v3-small -> deberta_v3_small."""
+    if cfg.name:
+        return cfg.name
+    if cfg.model == EMBEDDED_MINILM:
+        return "minilm"
+    leaf = cfg.model.rstrip("/").split("/")[-1]
+    return re.sub(r"[^0-9a-z]+", "_", leaf.lower()).strip("_") or "finetune"
+
+
+def fold_config_hash(exp: Experiment) -> str:
+    """What a finished fold and a resume checkpoint depend on: the data and the training settings."""
+    settings = exp.cfg.finetune.model_dump(mode="json", exclude=_NOT_HASHED)
+    blob = exp.fingerprint + json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run(cfg: Config) -> None:
+    if not require_enabled(cfg, "finetune"):
+        return
+    ft = cfg.finetune
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(ft.mixed_precision),
+                              gradient_accumulation_steps=ft.grad_accum)
+    exp = _open_experiment_main_first(cfg, accelerator)
+    model_dir = exp.dir.model(model_folder_name(ft))
+    fold_hash = fold_config_hash(exp)
+    run_folds = _folds_to_run(ft, exp.n_splits)
+    done_hash = f"{fold_hash}-folds{'_'.join(map(str, run_folds))}"
+    already_done = model_dir.is_done(done_hash)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and skip_if_done(model_dir, done_hash):
+        write_best_submission(exp)
+    if already_done:
+        return
+
+    model_path = resolve_model(ft.model, "finetune.model")
+    tokenizer = load_tokenizer(model_path)
+    views = encode_experiment(exp, tokenizer)
+    result = train_folds(exp, accelerator, model_dir, model_path, tokenizer, views, run_folds,
+                         fold_hash)
+    if accelerator.is_main_process:
+        settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
+                    "mixed_precision": accelerator.mixed_precision,
+                    "num_processes": accelerator.num_processes}
+        save_model_outputs(exp, model_dir, result, settings, done_hash)
+        write_best_submission(exp)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _open_experiment_main_first(cfg: Config, accelerator: Accelerator) -> Experiment:
+    """The main process creates folds and snapshots; the others then find them in place."""
+    exp = open_experiment(cfg) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return exp if exp is not None else open_experiment(cfg)
+
+
+def _folds_to_run(ft: FinetuneConfig, n_splits: int) -> list[int]:
+    folds = list(range(n_splits)) if ft.folds is None else sorted(set(ft.folds))
+    bad = [k for k in folds if not 0 <= k < n_splits]
+    if bad or not folds:
+        raise HybridstackError(
+            f"finetune.folds = {ft.folds}: folds must be in 0..{n_splits - 1} (cv.n_splits = {n_splits})"
+        )
+    return folds
+
+
+def encode_experiment(exp: Experiment, tokenizer) -> dict[str, list[list[int]] | None]:
+    """Token ids of train and test rows, and of their A/B-swapped views (pairwise)."""
+    ft, task = exp.cfg.finetune, exp.task
+    shares = tuple(ft.segment_budget) if len(task.field_names) > 1 else (1.0,)
+    renderer = Renderer(tokenizer, task.field_names, shares, ft.max_length, ft.head_fraction)
+    swap = task.swap_fields if (ft.swap_augment or ft.swap_tta) else None
+    train, train_swapped = renderer.render(exp.train.fields, swap)
+    test, test_swapped = (None, None) if exp.test is None else renderer.render(exp.test.fields, swap)
+    return {"train": train, "train_swapped": train_swapped,
+            "test": test, "test_swapped": test_swapped}
+
+
+def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
+    """The training rows (subsampled, swap-augmented) and prediction views of one fold."""
+    ft, task, Y = exp.cfg.finetune, exp.task, exp.train.Y
+    train_rows, valid_rows = fold_rows(exp.folds, fold)
+    if ft.max_train_rows is not None and ft.max_train_rows < len(train_rows):
+        rng = np.random.default_rng(ft.seed + fold)
+        train_rows = np.sort(rng.choice(train_rows, ft.max_train_rows, replace=False))
+    ids = [views["train"][i] for i in train_rows]
+    targets = Y[train_rows]
+    if ft.swap_augment and views["train_swapped"] is not None:
+        ids += [views["train_swapped"][i] for i in train_rows]
+        targets = np.concatenate([targets, targets[:, task.swap_permutation]])
+    tta = ft.swap_tta and views["train_swapped"] is not None
+    valid_views = [EncodedRows([views["train"][i] for i in valid_rows])]
+    test_views = None if views["test"] is None else [EncodedRows(views["test"])]
+    if tta:
+        valid_views.append(EncodedRows([views["train_swapped"][i] for i in valid_rows]))
+        if test_views is not None:
+            test_views.append(EncodedRows(views["test_swapped"]))
+    return FoldInputs(EncodedRows(ids, targets), valid_views, Y[valid_rows], test_views,
+                      task.swap_permutation if tta else None)
+
+
+def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, model_path,
+                tokenizer, views: dict, run_folds: list[int], fold_hash: str) -> OOFResult:
+    """Train (or load) each fold; OOF rows of untrained folds stay NaN."""
+    store = FoldStore(model_dir.path, fold_hash)
+    oof = np.full(exp.train.Y.shape, np.nan, dtype=np.float32)
+    test_sum, fold_scores, fold_info, seconds = None, {}, {}, 0.0
+    for k in run_folds:
+        _, valid_rows = fold_rows(exp.folds, k)
+        saved = store.load(k)
+        if saved is not None:
+            log.info("fold %d: finished earlier, loaded from %s", k, model_dir.fold_dir(k))
+            outcome = FoldOutcome(*saved)
+        else:
+            inputs = fold_inputs(exp, views, k)
+            outcome = train_fold(accelerator, exp.cfg.finetune, exp.task, model_path, tokenizer,
+                                 inputs, model_dir.fold_dir(k), fold_hash, k)
+            if accelerator.is_main_process:
+                save_fold_predictions(store, k, outcome)
+            FoldCheckpoints(accelerator, model_dir.fold_dir(k), fold_hash).clear_last()
+        oof[valid_rows] = outcome.valid_pred
+        if outcome.test_pred is not None:
+            test_sum = outcome.test_pred.astype(np.float64) + (0 if test_sum is None else test_sum)
+        fold_scores[k] = exp.task.score(exp.train.Y[valid_rows], outcome.valid_pred)
+        fold_info[k] = {"seconds": outcome.info["seconds"],
+                        "best_iteration": outcome.info["best_iteration"]}
+        seconds += outcome.info["seconds"]
+        log.info("fold %d: %s %.5f (best epoch %d)", k, exp.task.metric_name, fold_scores[k],
+                 outcome.info["best_iteration"])
+    test_pred = None if test_sum is None else (test_sum / len(run_folds)).astype(np.float32)
+    return OOFResult(oof, test_pred, fold_scores, fold_info, seconds)
+
+
+def save_fold_predictions(store: FoldStore, fold: int, outcome: FoldOutcome) -> None:
+    """``fold_<k>/history.json`` (per-epoch loss, score, speed), then ``fold_<k>/pred.npz``
+    in :class:`FoldStore`'s format: the fold's done marker, written last."""
+    fold_dir = store.model_path / f"fold_{fold}"
+    write_json(fold_dir / "history.json", outcome.info["history"])
+    C = outcome.valid_pred.shape[1]
+    arrays = {
+        "valid": outcome.valid_pred,
+        "test": np.zeros((0, C), np.float32) if outcome.test_pred is None else outcome.test_pred,
+        "config_hash": np.array(store.config_hash),
+        "seconds": np.array(outcome.info["seconds"]),
+        "best_iteration": np.array(outcome.info["best_iteration"]),
+    }
+    write_with(fold_dir / "pred.npz", lambda fh: np.savez(fh, **arrays))
+
+
+if __name__ == "__main__":
+    stage_main("finetune", run)
