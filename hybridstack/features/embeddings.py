@@ -187,11 +187,6 @@ class Shard:
         """The vectors as a read-only memory map, shape (rows, dim)."""
         return np.load(self.vectors_path, mmap_mode="r")
 
-    def remove(self) -> None:
-        # Record first: without it the vectors file is an orphan that readers ignore.
-        self.record_path.unlink(missing_ok=True)
-        self.vectors_path.unlink(missing_ok=True)
-
 
 def write_shard(shard_dir: Path, vectors: np.ndarray, hashes: list[str]) -> Shard:
     """Write one shard: vectors first, then its record, each via temp name + rename.
@@ -286,6 +281,7 @@ class EmbeddingCache:
         self._model_sha256: str | None = None
         self._model: SentenceTransformer | None = None
         self._shards: dict[str, Shard] = {}  # record file name -> parsed record
+        self._index: dict[str, tuple[str, int]] = {}  # text hash -> (record name, row)
         self._verified: set[str] = set()  # record names whose vectors passed verify()
 
     # -- identity --------------------------------------------------------------------------
@@ -353,6 +349,7 @@ class EmbeddingCache:
             text gets the same vector whether it was cached or just encoded.
         """
         start = time.perf_counter()
+        texts = list(texts)  # positional access even for a pandas Series with its own index
         hashes = [text_hash(_check_text(t, i)) for i, t in enumerate(texts)]
         first_of: dict[str, int] = {}  # unique hash -> index of its first occurrence
         for i, h in enumerate(hashes):
@@ -391,8 +388,8 @@ class EmbeddingCache:
                 )
                 shard = write_shard(self.shard_dir, self._to_storage(vectors),
                                     [hashes[i] for i in chunk])
-                self._shards[shard.record_path.name] = shard
-                self._verified.add(shard.record_path.name)
+                self._add_shard(shard)
+                self._verified.add(shard.record_path.name)  # written by us just now
                 location.update((h, (shard.record_path.name, row)) for row, h in enumerate(shard.hashes))
                 bar.update(len(chunk))
         return location
@@ -437,29 +434,40 @@ class EmbeddingCache:
         reported, removed, and its rows count as missing.
         """
         self._refresh_shards()
-        while True:
-            location: dict[str, tuple[str, int]] = {}
-            for name, shard in self._shards.items():
-                for row, h in enumerate(shard.hashes):
-                    if h in wanted and h not in location:
-                        location[h] = (name, row)
-            needed = {name for name, _ in location.values()} - self._verified
-            damaged = [name for name in sorted(needed) if not self._verify(name)]
-            if not damaged:
+        while True:  # each pass removes at least one damaged shard, so this ends
+            location = {h: self._index[h] for h in wanted if h in self._index}
+            needed = sorted({name for name, _ in location.values()} - self._verified)
+            if all(self._verify(name) for name in needed):
                 return location
 
     def _refresh_shards(self) -> None:
-        """Parse records that appeared since the last call (other processes may append)."""
+        """Index records that appeared since the last call (other processes may append)."""
         if not self.shard_dir.is_dir():
             return
         on_disk = {p.name for p in self.shard_dir.glob("*.json")}
         for name in sorted(on_disk - self._shards.keys()):
             try:
-                self._shards[name] = Shard.read(self.shard_dir / name)
+                self._add_shard(Shard.read(self.shard_dir / name))
             except CorruptShard as err:
                 self._discard(self.shard_dir / name, str(err))
-        for gone in self._shards.keys() - on_disk:  # pruned meanwhile
-            del self._shards[gone]
+        gone = self._shards.keys() - on_disk  # pruned meanwhile
+        if gone:
+            self._drop_shards(gone)
+
+    def _add_shard(self, shard: Shard) -> None:
+        name = shard.record_path.name
+        self._shards[name] = shard
+        for row, h in enumerate(shard.hashes):
+            self._index.setdefault(h, (name, row))  # a text two writers both encoded: keep one
+
+    def _drop_shards(self, names: set[str]) -> None:
+        for name in names:
+            del self._shards[name]
+            self._verified.discard(name)
+        remaining = list(self._shards.values())  # rare (damage, prune): rebuild the index
+        self._shards, self._index = {}, {}
+        for shard in remaining:
+            self._add_shard(shard)
 
     def _verify(self, name: str) -> bool:
         shard = self._shards[name]
@@ -467,7 +475,7 @@ class EmbeddingCache:
             shard.verify(self.dtype)
         except CorruptShard as err:
             self._discard(shard.record_path, str(err))
-            del self._shards[name]
+            self._drop_shards({name})
             return False
         self._verified.add(name)
         return True
