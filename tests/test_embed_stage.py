@@ -102,6 +102,23 @@ def test_swapping_a_and_b_swaps_the_features_and_the_predicted_winner():
     np.testing.assert_allclose(swapped, original[:, perm], rtol=1e-6)
 
 
+def test_exclusion_groups_join_duplicates_across_splits_and_pairwise_prompts():
+    from hybridstack.tasks import MultilabelTask
+
+    task = MultilabelTask(TaskConfig(kind="multilabel"), CleanConfig())
+    train = Dataset(ids=np.array(["1", "2", "3"]), fields={"text": ["a", "b", "a"]}, Y=None)
+    test = Dataset(ids=np.array(["4", "5"]), fields={"text": ["b", "c"]}, Y=None)
+    train_groups, test_groups = embed_stage.exclusion_groups(task, [train, test])
+    assert train_groups[0] == train_groups[2] == 0 and train_groups[1] == test_groups[0] == 1
+    assert test_groups[1] not in train_groups and train_groups.dtype == np.float32
+
+    pairwise = PairwiseTask(TaskConfig(kind="pairwise"), CleanConfig())
+    ds, _ = pairwise_dataset(30)
+    (codes,) = embed_stage.exclusion_groups(pairwise, [ds])
+    prompts = np.asarray(ds.fields["prompt"])
+    assert all((codes == codes[i]).sum() == (prompts == prompts[i]).sum() for i in range(30))
+
+
 @pytest.mark.parametrize(("model", "alias"), [
     ("intfloat/e5-small-v2", "e5"), ("embedded:minilm", "minilm"),
     ("sentence-transformers/all-MiniLM-L6-v2", "minilm"), ("BAAI/bge-small-en-v1.5", "bge"),

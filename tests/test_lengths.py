@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hybridstack.features.lengths import (
-    STRUCTURE_NAMES,
-    log_counts,
-    structure_counts,
-    structure_feature_names,
-)
+from hybridstack.features.lengths import STRUCTURE_NAMES, log_counts, structure_counts
 
 MARKDOWN = """# Title
 
@@ -60,7 +55,3 @@ def test_empty_text_is_all_zero_and_log_counts_are_log1p():
     assert raw.dtype == np.float32 and raw.shape == (2, len(STRUCTURE_NAMES))
     assert not raw[0].any()
     np.testing.assert_allclose(log_counts(texts), np.log1p(raw))
-
-
-def test_feature_names_follow_the_column_order():
-    assert structure_feature_names("response_a")[:2] == ["response_a_chars", "response_a_words"]

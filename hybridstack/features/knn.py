@@ -25,7 +25,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone
 
 IndexKind = Literal["flat", "ivf"]
-N_SIMILARITY_FEATURES = 2  # top-1 similarity, mean similarity over the neighbours found
 _WEIGHT_FLOOR = 1e-6  # keeps weights positive when every similarity is <= 0
 
 
@@ -138,10 +137,6 @@ def neighbour_features(sims: np.ndarray, ids: np.ndarray, pool_Y: np.ndarray,
     top = np.where(n_found > 0, np.nan_to_num(sims[:, 0]), 0.0)
     mean_sim = np.where(n_found > 0, np.nansum(sims, axis=1) / np.maximum(n_found, 1), 0.0)
     return np.column_stack([label_mean, top, mean_sim]).astype(np.float32)
-
-
-def knn_feature_names(label_names: list[str]) -> list[str]:
-    return [f"knn_{name}" for name in label_names] + ["knn_top_sim", "knn_mean_sim"]
 
 
 class KNNFeatureHead(BaseEstimator):

@@ -53,8 +53,3 @@ def log_counts(texts: Sequence[str]) -> np.ndarray:
     standardised MLP input, and turns differences of two texts into ratios.
     """
     return np.log1p(structure_counts(texts))
-
-
-def structure_feature_names(prefix: str) -> list[str]:
-    """Column names of :func:`log_counts` for one text field, e.g. ``response_a_chars``."""
-    return [f"{prefix}_{name}" for name in STRUCTURE_NAMES]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hybridstack.config import Config, EmbedConfig, LGBMHead, MLPHead
 from hybridstack.errors import HybridstackError
@@ -89,21 +90,19 @@ class EmbedFeatures:
     blocks: list[tuple[str, int]]  # (name, width) of each column block, in order
     key_columns: tuple[int, int]  # the kNN key's column range
 
+    MATRICES = ("X", "X_test", "X_swap", "X_test_swap")
+
     def save(self, path: Path) -> None:
-        arrays = {name: value for name, value in self._arrays().items() if value is not None}
+        """One uncompressed .npz (absent matrices left out), written atomically."""
+        arrays = {k: getattr(self, k) for k in self.MATRICES if getattr(self, k) is not None}
         meta = json.dumps({"blocks": self.blocks, "key_columns": self.key_columns})
         write_with(path, lambda fh: np.savez(fh, meta=np.array(meta), **arrays))
-
-    def _arrays(self) -> dict[str, np.ndarray | None]:
-        return {"X": self.X, "X_test": self.X_test, "X_swap": self.X_swap,
-                "X_test_swap": self.X_test_swap}
 
     @classmethod
     def load(cls, path: Path) -> EmbedFeatures:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            arrays = {k: data[k] if k in data else None
-                      for k in ("X", "X_test", "X_swap", "X_test_swap")}
+            arrays = {k: data[k] if k in data else None for k in cls.MATRICES}
         return cls(**arrays, blocks=[tuple(b) for b in meta["blocks"]],
                    key_columns=tuple(meta["key_columns"]))
 
@@ -156,7 +155,9 @@ def exclusion_groups(task: Task, splits: list[Dataset]) -> list[np.ndarray]:
     """
     keys = [ds.groups if ds.groups is not None else np.asarray(task.joined_text(ds), dtype=object)
             for ds in splits]
-    _, codes = np.unique(np.concatenate(keys).astype(str), return_inverse=True)
+    # factorize hashes the strings; np.unique would first copy them into a fixed-width
+    # array as wide as the longest text (gigabytes for LMSYS-length prompts)
+    codes, _ = pd.factorize(np.concatenate(keys))
     if codes.max(initial=0) >= MAX_EXACT_GROUPS:
         raise HybridstackError(
             f"embed.knn: {codes.max() + 1} distinct row groups exceed {MAX_EXACT_GROUPS}; "
@@ -294,6 +295,11 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
 
 
 def run(cfg: Config) -> None:
+    """Fit every ``[[embed.lgbm]]`` and ``[[embed.mlp]]`` head not DONE with this config.
+
+    The feature matrix is built (or loaded from features/) only if some head needs fitting;
+    the best finished base model then writes submission.csv.
+    """
     if not require_enabled(cfg, "embed"):
         return
     exp = open_experiment(cfg)
