@@ -281,6 +281,22 @@ def test_resume_folder_from_another_config_is_one_error_line(make_config, tiny_m
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["lmsys.toml", "jigsaw.toml"])
+def test_shipped_recipes_validate_once_data_paths_exist(make_config, name):
+    import tomllib
+
+    from hybridstack.config import config_from_dict
+
+    kind = "pairwise" if name == "lmsys.toml" else "multilabel"
+    local, _ = make_config(kind, n_train=30, n_test=6)
+    raw = tomllib.loads((Path(__file__).parents[1] / "configs" / name).read_text())
+    assert all(str(p).startswith("/kaggle/input/") for p in raw["data"].values())
+    raw["data"] = {k: str(getattr(local.data, k)) for k in ("train", "test", "sample_submission")}
+    cfg = config_from_dict(raw)
+    assert cfg.task.kind == kind and cfg.embed.model == "intfloat/e5-small-v2"
+    assert stage.model_folder_name(cfg.finetune) in {"deberta_v3_small", "mdeberta_v3_base"}
+
+
 # -- bad input ----------------------------------------------------------------------------
 
 

@@ -126,7 +126,8 @@ class Renderer:
         for name in self.field_names:
             texts = [clip_chars(t, max_chars, self.head_fraction) for t in fields[name]]
             unique = list(dict.fromkeys(texts))  # LMSYS repeats prompts: tokenise each once
-            encoded = self.tokenizer(unique, add_special_tokens=False)["input_ids"]
+            # verbose=False: the "longer than the maximum" warning does not apply, we cut below
+            encoded = self.tokenizer(unique, add_special_tokens=False, verbose=False)["input_ids"]
             lookup = dict(zip(unique, encoded))
             columns.append([lookup[t] for t in texts])
         return [list(segments) for segments in zip(*columns)]
