@@ -211,47 +211,64 @@ def test_malformed_record_is_discarded(tmp_path, encoded, caplog):
     assert again.last_stats["n_encoded"] == 10 == len(encoded)
 
 
-_KILLED_WRITER = textwrap.dedent("""
-    import sys, time
+# A stand-in encoder for the kill test: importing torch and loading MiniLM in a child
+# process costs more than the whole test; what is tested is the shard protocol.
+_HASH_ENCODER = textwrap.dedent("""
+    import hashlib, time
+    import numpy as np
+
+    class HashEncoder:
+        \"\"\"A fixed pseudo-random unit vector per text, ``delay`` seconds per call.\"\"\"
+
+        def __init__(self, delay):
+            self.delay, self.max_seq_length, self.calls = delay, 64, []
+
+        def get_embedding_dimension(self):
+            return 8
+
+        def encode(self, texts, **kwargs):
+            time.sleep(self.delay)
+            self.calls.extend(texts)
+            seeds = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little") for t in texts]
+            vectors = np.stack([np.random.default_rng(s).standard_normal(8) for s in seeds])
+            return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+""")
+
+_KILLED_WRITER = _HASH_ENCODER + textwrap.dedent("""
+    import sys
     from hybridstack.features import embeddings
 
-    load = embeddings._load_model
-
-    def slow_model(path, device):  # sleeps per shard so the parent can kill it mid-run
-        model = load(path, device)
-        encode = model.encode
-        def slow_encode(*args, **kwargs):
-            time.sleep(0.25)
-            return encode(*args, **kwargs)
-        model.encode = slow_encode
-        return model
-
-    embeddings._load_model = slow_model
-    cache = embeddings.EmbeddingCache(sys.argv[1], "embedded:minilm", max_seq_length=64, shard_rows=20)
+    embeddings._load_model = lambda path, device: HashEncoder(delay=0.1)
+    cache = embeddings.EmbeddingCache(sys.argv[1], "embedded:minilm", shard_rows=20)
     cache.encode([f"text {i}" for i in range(400)], show_progress=False)
 """)
 
 
-def test_sigkill_during_encoding_leaves_a_usable_cache(tmp_path, encoded):
-    texts = [f"text {i}" for i in range(400)]
+def test_sigkill_during_encoding_leaves_a_usable_cache(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cache = make_cache(tmp_path, shard_rows=20)
+    stub: dict = {}
+    exec(_HASH_ENCODER, stub)
+    encoder = stub["HashEncoder"](delay=0)
+    monkeypatch.setattr(embeddings, "_load_model", lambda path, device: encoder)
+    cache = EmbeddingCache(tmp_path, EMBEDDED_MINILM, shard_rows=20)
     deadline = time.monotonic() + 120
     while not list(cache.shard_dir.glob("*.json")) and child.poll() is None:
         assert time.monotonic() < deadline, "the child wrote no shard in time"
-        time.sleep(0.02)
+        time.sleep(0.01)
     child.send_signal(signal.SIGKILL)
     _, stderr = child.communicate()
     assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
 
     committed = shard_files(cache, ".json")
     assert 1 <= len(committed) < 20
+    texts = [f"text {i}" for i in range(400)]
     vectors = cache.encode(texts)
     assert cache.last_stats["n_cached"] == 20 * len(committed)
-    assert cache.last_stats["n_encoded"] == len(encoded) == 400 - 20 * len(committed)
-    assert vectors.shape == (400, 384) and np.isfinite(vectors).all()
+    assert cache.last_stats["n_encoded"] == len(encoder.calls) == 400 - 20 * len(committed)
+    expected = stub["HashEncoder"](delay=0).encode(texts)
+    np.testing.assert_allclose(vectors, expected, atol=FP16_ATOL)  # every row, old and new
 
     assert main(["cache", "prune", "--cache-dir", str(tmp_path)]) == 0  # leftovers of the child
     assert not [p for p in cache.shard_dir.iterdir() if p.name.endswith(".tmp")]
