@@ -19,7 +19,9 @@ MB = 1024 * 1024
 
 def cache_root(args: argparse.Namespace) -> Path:
     """``--cache-dir`` if given, else ``<workdir>/cache/embeddings`` (the config default)."""
-    return Path(args.cache_dir) if args.cache_dir else Path(args.workdir) / "cache" / "embeddings"
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    return Path(args.workdir or ".") / "cache" / "embeddings"
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -81,7 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``cache info`` and ``cache prune`` under the ``hybridstack`` command."""
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_mutually_exclusive_group()
-    group.add_argument("--workdir", default=".", help="the cache is <workdir>/cache/embeddings")
+    # default None, not ".": argparse would not see "--workdir ." as clashing with --cache-dir
+    group.add_argument("--workdir", default=None,
+                       help="the cache is <workdir>/cache/embeddings (default: .)")
     group.add_argument("--cache-dir", default=None, help="the cache folder itself")
 
     cache = subparsers.add_parser("cache", help="list or prune the shared embedding cache")

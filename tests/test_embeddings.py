@@ -356,6 +356,11 @@ def test_missing_model_folder_names_the_path(tmp_path):
     assert str(missing) in message and "\n" not in message and "embed.model" in message
 
 
+def test_max_length_beyond_the_model_positions_is_an_error(tmp_path):
+    with pytest.raises(HybridstackError, match="exceeds the 512 positions"):
+        make_cache(tmp_path, max_seq_length=1024)
+
+
 def test_non_text_input_is_an_error(tmp_path, encoded):
     with pytest.raises(HybridstackError, match="text 1 is float"):
         make_cache(tmp_path).encode(["fine", float("nan")])

@@ -269,6 +269,7 @@ class EmbeddingCache:
         self.cache_root = Path(cache_root)
         self.model_name = model
         self.model_path = resolve_model(model, "embed.model")
+        _check_max_length(self.model_path, max_seq_length)
         self.max_seq_length = max_seq_length
         self.prefix = prefix
         self.normalize = normalize
@@ -308,8 +309,8 @@ class EmbeddingCache:
         """The cache folder's name: ``<model slug>-<16 hex digits of the key parts>``."""
         if self._key is None:
             blob = json.dumps(self.key_parts(), sort_keys=True).encode()
-            self._key = f"{_model_slug(self.model_name, self.model_path)}-" \
-                        f"{hashlib.sha256(blob).hexdigest()[:16]}"
+            digest = hashlib.sha256(blob).hexdigest()[:16]
+            self._key = f"{_model_slug(self.model_name, self.model_path)}-{digest}"
         return self._key
 
     @property
@@ -398,7 +399,7 @@ class EmbeddingCache:
         stored = np.ascontiguousarray(vectors, dtype=self.dtype)
         if not np.isfinite(stored).all():
             raise HybridstackError(
-                f"embed.model {self.model_name}: vectors overflow {self.dtype}; "
+                f"embed.model {self.model_name}: non-finite vectors (overflow in {self.dtype}); "
                 "set embed.normalize = true or embed.dtype = \"float32\""
             )
         return stored
@@ -483,8 +484,11 @@ class EmbeddingCache:
     def _discard(self, record_path: Path, reason: str) -> None:
         log.warning("embedding cache: corrupt shard %s (%s); removed, its texts will be "
                     "encoded again", record_path.with_suffix(".npy"), reason)
-        record_path.unlink(missing_ok=True)
-        record_path.with_suffix(".npy").unlink(missing_ok=True)
+        try:
+            record_path.unlink(missing_ok=True)  # record first: a lone vectors file is ignored
+            record_path.with_suffix(".npy").unlink(missing_ok=True)
+        except OSError as err:  # a read-only cache (e.g. a Kaggle dataset): skip it in memory only
+            log.warning("embedding cache: cannot remove %s: %s", record_path, err.strerror)
 
     def _gather(self, places: list[tuple[str, int]]) -> np.ndarray:
         """Rows at ``places`` (one per output row) as float32 (n, dim), shard by shard."""
@@ -514,6 +518,19 @@ def _check_text(text: object, position: int) -> str:
             "fields as \"\" before encoding"
         )
     return text
+
+
+def _check_max_length(model_path: Path, max_seq_length: int) -> None:
+    """Fail early, not with a tensor-size error mid-encoding, when the model has fewer positions."""
+    try:
+        positions = read_json(model_path / "config.json").get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable transformer config at the top: sentence-transformers decides
+    if isinstance(positions, int) and max_seq_length > positions:
+        raise HybridstackError(
+            f"embed.max_seq_length: {max_seq_length} exceeds the {positions} positions of "
+            f"{model_path}; set embed.max_seq_length to {positions} or less"
+        )
 
 
 def _embedding_dim(model: SentenceTransformer) -> int:
