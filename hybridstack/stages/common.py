@@ -48,8 +48,14 @@ def save_model_outputs(
     result: OOFResult,
     settings: dict[str, Any],
     config_hash: str,
+    *,
+    stage: str,
 ) -> dict[str, Any]:
-    """Write oof.npy, test.npy, scores.json and config.json, then DONE (last)."""
+    """Write oof.npy, test.npy, scores.json and config.json, then DONE (last).
+
+    ``stage`` (tfidf, embed, finetune) goes into config.json so predict knows how to
+    load the model folder.
+    """
     covered = ~np.isnan(result.oof).any(axis=1)
     overall = exp.task.metrics(exp.train.Y[covered], result.oof[covered])
     scores = {
@@ -66,7 +72,7 @@ def save_model_outputs(
     if result.test_pred is not None:
         write_npy(model.test_path, result.test_pred.astype(np.float32))
     write_json(model.scores_path, scores)
-    write_json(model.config_path, {"settings": settings, "versions": library_versions(),
+    write_json(model.config_path, {"stage": stage, "settings": settings, "versions": library_versions(),
                                    "label_names": exp.task.label_names})
     model.mark_done(config_hash)
     print(f"{model.name}: CV {exp.task.metric_name} = {scores['overall']:.5f} "

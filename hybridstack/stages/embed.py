@@ -291,7 +291,7 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
         "encoder_key": cache.key, "feature_blocks": features.blocks,
         "knn_key_columns": features.key_columns, "length_features_order": list(STRUCTURE_NAMES),
     }
-    save_model_outputs(exp, model, result, settings, config_hash)
+    save_model_outputs(exp, model, result, settings, config_hash, stage="embed")
 
 
 def run(cfg: Config) -> None:

@@ -85,7 +85,7 @@ def run(cfg: Config) -> None:
         settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
                     "mixed_precision": accelerator.mixed_precision,
                     "num_processes": accelerator.num_processes}
-        save_model_outputs(exp, model_dir, result, settings, done_hash)
+        save_model_outputs(exp, model_dir, result, settings, done_hash, stage="finetune")
         write_best_submission(exp)
     accelerator.wait_for_everyone()
     accelerator.end_training()

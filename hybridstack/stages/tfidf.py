@@ -81,7 +81,7 @@ def run(cfg: Config) -> None:
         write_joblib(model.path / "vectorizer.joblib", features.vectorizer)
         settings = {"model": spec.model_dump(), "tfidf": cfg.tfidf.model_dump(mode="json",
                                                                               exclude={"models"})}
-        save_model_outputs(exp, model, result, settings, config_hash)
+        save_model_outputs(exp, model, result, settings, config_hash, stage="tfidf")
     write_best_submission(exp)
 
 
