@@ -157,7 +157,9 @@ def test_jigsaw_10k_heads_score_above_0_90(tmp_path):
         "task": {"kind": "multilabel", "text_columns": ["comment_text"]},
         "data": {"train": str(JIGSAW_10K)}, "cv": {"n_splits": 5, "seed": 42},
         "tfidf": {"enabled": False}, "finetune": {"enabled": False}, "stack": {"enabled": False},
-        "embed": {"model": "embedded:minilm", "prefix": ""},
+        "embed": {"model": "embedded:minilm", "prefix": "", "max_seq_length": 256,
+                  "lgbm": [{"name": "lgbm", "learning_rate": 0.1, "early_stopping_rounds": 50,
+                            "num_threads": 1}]},
     })
     embed_stage.run(cfg)
     exp = open_experiment(cfg)
