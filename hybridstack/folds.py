@@ -8,6 +8,7 @@ multiclass: stratified by class.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -35,7 +36,9 @@ def make_folds(
     fold_id = np.full(n, -1, dtype=np.int8)
     dummy = np.zeros(n)
     if groups is not None:
-        _, group_codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        # factorize hashes the keys; np.unique on str would copy every prompt into a
+        # fixed-width array as wide as the longest one (gigabytes on LMSYS)
+        group_codes, _ = pd.factorize(np.asarray(groups, dtype=object))
         if group_codes.max() + 1 < n_splits:
             raise HybridstackError(
                 f"only {group_codes.max() + 1} distinct groups for {n_splits} folds; lower cv.n_splits"
