@@ -26,7 +26,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers",
+                  "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add a sub-command through ``add_parser(subparsers)``; each sets ``func``.
 _EXTRA_COMMANDS: list[str] = ["hybridstack.sweep", "hybridstack.compare", "hybridstack.scaffold", "hybridstack.score", "hybridstack.cache_cli",
-                              "hybridstack.report"]
+                              "hybridstack.report", "hybridstack.predict.cli", "hybridstack.audit"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,266 @@
+"""Predictors of each base-model family, rebuilt from a finished model folder.
+
+Each one reproduces its stage's test-time path exactly: the same features (through the
+same functions the stage used), every trained fold model, swap test-time averaging per
+the saved settings, and the fold average of :func:`~hybridstack.heads.base.fit_oof`
+(float64 sum over folds / n_folds, then float32). A family splits prediction into
+``featurizer.transform(ds)`` and ``predict(features)``, so models that share features
+(every head of one embedding encoder) compute them once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import scipy.sparse as sp
+from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification
+
+from hybridstack.errors import HybridstackError
+from hybridstack.features.embeddings import EmbeddingCache
+from hybridstack.features.tfidf import transform_rows
+from hybridstack.finetune.data import EncodedRows, Renderer
+from hybridstack.finetune.loop import predict_views as predict_token_views
+from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
+from hybridstack.heads.base import predict_views
+from hybridstack.predict.source import RunContext
+from hybridstack.runs import ModelDir, read_json
+from hybridstack.stages.embed import encode_fields, exclusion_groups, split_views
+from hybridstack.tasks import Dataset
+
+
+def fold_average(preds: Iterable[np.ndarray]) -> np.ndarray:
+    """(n, C) float32 mean of the fold models' predictions, summed in float64 like fit_oof."""
+    total, n_folds = None, 0
+    for pred in preds:
+        total = pred.astype(np.float64) if total is None else total + pred
+        n_folds += 1
+    return (total / n_folds).astype(np.float32)
+
+
+def trained_folds(model: ModelDir) -> list[int]:
+    """The folds a model was trained on (its test predictions average exactly these)."""
+    folds = sorted(int(k) for k in model.load_scores()["per_fold"])
+    if not folds:
+        raise HybridstackError(f"models/{model.name}/scores.json names no trained fold; re-run its stage")
+    return folds
+
+
+def required_file(path: Path, model: ModelDir, hint: str) -> Path:
+    if not path.exists():
+        raise HybridstackError(
+            f"models/{model.name}: {path.relative_to(model.path)} is missing; {hint}")
+    return path
+
+
+def load_fold_heads(model: ModelDir, hint: str) -> list[Any]:
+    """The fitted head of every trained fold (``fold_<k>/model.joblib``)."""
+    return [joblib.load(required_file(model.fold_dir(k) / "model.joblib", model, hint))
+            for k in trained_folds(model)]
+
+
+# -- tfidf -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TfidfInputs:
+    X: sp.csr_matrix  # (n, d)
+    X_swap: sp.csr_matrix | None  # pairwise: A and B exchanged
+
+
+class TfidfFeaturizer:
+    """The model's own fitted vectorizer (``vectorizer.joblib``) applied to new rows."""
+
+    def __init__(self, model: ModelDir, ctx: RunContext, hint: str):
+        self.key = f"tfidf:{model.name}"
+        self.vectorizer = joblib.load(required_file(model.path / "vectorizer.joblib", model, hint))
+        self.swap_fields = ctx.task.swap_fields
+
+    def transform(self, ds: Dataset) -> TfidfInputs:
+        return TfidfInputs(*transform_rows(self.vectorizer, ds.fields, self.swap_fields))
+
+
+class TfidfModel:
+    """A tfidf-stage logistic regression: one LogRegHead per trained fold."""
+
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
+        hint = f"re-run `hybridstack run tfidf -c {ctx.rerun_hint}`"
+        self.name = model.name
+        self.featurizer = TfidfFeaturizer(model, ctx, hint)
+        self.heads = load_fold_heads(model, hint)
+        tta = config["settings"]["tfidf"]["swap_tta"]
+        self.permutation = ctx.task.swap_permutation if tta else None
+
+    def predict(self, inputs: TfidfInputs) -> np.ndarray:
+        """(n, C) float32 probabilities, mean over the fold models."""
+        swapped = inputs.X_swap if self.permutation is not None else None
+        return fold_average(predict_views(head, inputs.X, swapped, self.permutation)
+                            for head in self.heads)
+
+
+# -- embed -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedInputs:
+    X: np.ndarray  # (n, d) float32, kNN group column last when kNN is on
+    X_swap: np.ndarray | None
+    blocks: list[tuple[str, int]]
+
+
+class EmbedFeaturizer:
+    """Cached sentence embeddings -> the embed stage's feature matrix for new rows.
+
+    Only texts missing from the shared embedding cache are encoded.
+    """
+
+    def __init__(self, settings: dict[str, Any], ctx: RunContext, cache: EmbeddingCache):
+        self.cache = cache
+        self.ctx = ctx
+        self.length_features = settings["embed"]["length_features"]
+        self.knn = settings["embed"]["knn"]
+        self.key = featurizer_key(cache.key, self.length_features, self.knn)
+
+    def transform(self, ds: Dataset) -> EmbedInputs:
+        task = self.ctx.task
+        emb = encode_fields(self.cache, task, [ds])[0]
+        X, X_swap, blocks, _ = split_views(task, ds, emb, self.length_features)
+        if self.knn:
+            # numbered over [train, new] exactly as over [train, test] at training time
+            group = exclusion_groups(task, [self.ctx.train, ds])[1][:, None]
+            X = np.hstack([X, group])
+            X_swap = None if X_swap is None else np.hstack([X_swap, group])
+            blocks = [*blocks, ("knn_group", 1)]
+        return EmbedInputs(X, X_swap, blocks)
+
+
+def featurizer_key(encoder_key: str, length_features: bool, knn: bool) -> str:
+    return f"embed:{encoder_key}:{length_features}:{knn}"
+
+
+def embedding_cache(settings: dict[str, Any], ctx: RunContext) -> EmbeddingCache:
+    """The EmbeddingCache with the encoder settings the heads were trained with."""
+    embed = settings["embed"]
+    root = Path(embed["cache_dir"]) if embed.get("cache_dir") else ctx.dir.path.parent.parent / "cache" / "embeddings"
+    return EmbeddingCache(root, embed["model"], max_seq_length=embed["max_seq_length"],
+                          prefix=embed["prefix"], normalize=embed["normalize"],
+                          dtype=embed["dtype"], batch_size=embed["batch_size"])
+
+
+class EmbedModel:
+    """An embed-stage head (LightGBM or MLP, kNN-wrapped or not) per trained fold."""
+
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext,
+                 featurizer: EmbedFeaturizer):
+        settings = config["settings"]
+        hint = f"re-run `hybridstack run embed -c {ctx.rerun_hint}`"
+        if featurizer.cache.key != settings["encoder_key"]:
+            raise HybridstackError(
+                f"models/{model.name} was trained on encoder {settings['encoder_key']} but "
+                f"embed.model now gives {featurizer.cache.key} (model files changed); {hint}")
+        self.name = model.name
+        self.featurizer = featurizer
+        self.head_kind = settings["head"]  # "LGBMHead" or "MLPHead"
+        self.blocks = [tuple(b) for b in settings["feature_blocks"]]
+        self.heads = load_fold_heads(model, hint)
+        tta = settings["embed"]["swap_tta"]
+        self.permutation = ctx.task.swap_permutation if tta else None
+        self.hint = hint
+
+    def predict(self, inputs: EmbedInputs) -> np.ndarray:
+        """(n, C) float32 probabilities, mean over the fold models."""
+        if [tuple(b) for b in inputs.blocks] != self.blocks:
+            raise HybridstackError(
+                f"models/{self.name}: feature layout {inputs.blocks} differs from the trained "
+                f"{self.blocks}; {self.hint}")
+        swapped = inputs.X_swap if self.permutation is not None else None
+        return fold_average(predict_views(head, inputs.X, swapped, self.permutation)
+                            for head in self.heads)
+
+
+# -- finetune ----------------------------------------------------------------------------------
+
+
+class FinetuneFeaturizer:
+    """Token ids rendered like ``stages.finetune.encode_experiment`` (budgets, head+tail cuts)."""
+
+    def __init__(self, model: ModelDir, settings: dict[str, Any], ctx: RunContext, tokenizer):
+        task = ctx.task
+        shares = tuple(settings["segment_budget"]) if len(task.field_names) > 1 else (1.0,)
+        self.renderer = Renderer(tokenizer, task.field_names, shares, settings["max_length"],
+                                 settings["head_fraction"])
+        wants_swap = settings["swap_augment"] or settings["swap_tta"]
+        self.swap = task.swap_fields if wants_swap else None
+        self.key = f"finetune:{model.name}"
+
+    def transform(self, ds: Dataset) -> list[list[list[int]]]:
+        """[ids] or [ids, swapped ids]: n token-id lists per view."""
+        ids, swapped = self.renderer.render(ds.fields, self.swap)
+        return [ids] if swapped is None else [ids, swapped]
+
+
+class FinetuneModel:
+    """A fine-tuned transformer: the best checkpoint (``fold_<k>/best/``) of every trained fold."""
+
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
+        settings = config["settings"]
+        hint = f"re-run `hybridstack run finetune -c {ctx.rerun_hint}`"
+        best_dirs = [required_file(model.fold_dir(k) / "best", model, hint)
+                     for k in trained_folds(model)]
+        self.name = model.name
+        tokenizer = load_tokenizer(best_dirs[0], key=f"models/{model.name}")
+        self.featurizer = FinetuneFeaturizer(model, settings, ctx, tokenizer)
+        self.tokenizer = tokenizer
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(settings["mixed_precision"]))
+        self.models = [AutoModelForSequenceClassification.from_pretrained(str(d)).to(
+            self.accelerator.device) for d in best_dirs]
+        tta = settings["swap_tta"] and ctx.task.swap_fields is not None
+        self.permutation = ctx.task.swap_permutation if tta else None
+        self.batch_size = settings["eval_batch_size"]
+        self.multilabel = ctx.task.kind == "multilabel"
+
+    def predict(self, views: list[list[list[int]]]) -> np.ndarray:
+        """(n, C) float32 probabilities, mean over the fold checkpoints."""
+        rows = [EncodedRows(ids) for ids in views]
+        if self.permutation is None:
+            rows = rows[:1]
+        return fold_average(
+            predict_token_views(self.accelerator, model, rows, self.permutation, self.tokenizer,
+                                self.batch_size, self.multilabel)
+            for model in self.models)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_base_models(ctx: RunContext, names: list[str]) -> list[TfidfModel | EmbedModel | FinetuneModel]:
+    """The predictor of every named base model, in order; embed heads of one encoder share features."""
+    featurizers: dict[str, EmbedFeaturizer] = {}
+    models = []
+    for name in names:
+        model = ctx.dir.model(name)
+        config = read_json(required_file(model.config_path, model, "re-run its stage"))
+        stage = config.get("stage")
+        if stage == "tfidf":
+            models.append(TfidfModel(model, config, ctx))
+        elif stage == "embed":
+            settings = config["settings"]
+            key = featurizer_key(settings["encoder_key"], settings["embed"]["length_features"],
+                                 settings["embed"]["knn"])
+            if key not in featurizers:
+                featurizers[key] = EmbedFeaturizer(settings, ctx, embedding_cache(settings, ctx))
+            models.append(EmbedModel(model, config, ctx, featurizers[key]))
+        elif stage == "finetune":
+            models.append(FinetuneModel(model, config, ctx))
+        else:
+            raise HybridstackError(
+                f"models/{name}/config.json names no known stage ({stage!r}); it was written "
+                "by an older hybridstack: re-run its stage and the stack")
+    return models
+
