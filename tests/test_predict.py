@@ -13,11 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 import hybridstack
 from hybridstack.cli import main, run_stage
 from hybridstack.errors import HybridstackError
 from hybridstack.explain import tree_feature_groups
+from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.predict.families import EmbedModel
 from hybridstack.runs import ExperimentDir, read_json
 from hybridstack.stages.embed import exclusion_groups
@@ -29,8 +32,8 @@ EMBED = {"model": "embedded:minilm", "prefix": "", "max_seq_length": 64,
          "lgbm": [{"n_estimators": 50, "early_stopping_rounds": 10, "num_leaves": 7,
                    "min_child_samples": 5, "num_threads": 1}],
          "mlp": [{"hidden_sizes": [32], "max_epochs": 5}]}
-FINETUNE = {"model": "embedded:minilm", "folds": [0], "epochs": 1, "max_length": 32,
-            "max_train_rows": 60, "batch_size": 16, "eval_batch_size": 64}
+FINETUNE = {"folds": [0], "epochs": 1, "max_length": 32, "max_train_rows": 60, "batch_size": 16,
+            "eval_batch_size": 64}
 OFF = {"enabled": False}
 
 
@@ -47,9 +50,23 @@ def build(root: Path, kind: str, stages: list[str], n_test: int = 30, **sections
 
 
 @pytest.fixture(scope="module")
-def pairwise_run(tmp_path_factory) -> Path:
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer: fine-tunes and predicts in a second."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(EMBEDDED_MINILM, "test")))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairwise_run(tmp_path_factory, tiny_bert) -> Path:
     return build(tmp_path_factory.mktemp("pairwise"), "pairwise",
-                 ["tfidf", "embed", "finetune", "stack"], embed=EMBED, finetune=FINETUNE,
+                 ["tfidf", "embed", "finetune", "stack"], embed=EMBED,
+                 finetune={**FINETUNE, "model": str(tiny_bert)},
                  stack={"methods": ["weighted", "logreg"]})
 
 
