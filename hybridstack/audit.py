@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,6 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-import tomllib
 
 from hybridstack.config import LGBMHead, MLPHead, load_config
 from hybridstack.errors import HybridstackError, one_line
@@ -137,11 +136,6 @@ def _load_done(path: Path) -> None:
         raise ValueError("empty DONE marker")
 
 
-def _load_pickle(path: Path) -> Any:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
 # How each kind of file is loaded; other files (tokenizer vocabularies, text) are only read.
 _LOADERS: dict[str, Callable[[Path], Any]] = {
     ".npy": lambda p: np.load(p, allow_pickle=False),
@@ -154,7 +148,7 @@ _LOADERS: dict[str, Callable[[Path], Any]] = {
     ".safetensors": _load_safetensors,
     ".bin": _load_torch,
     ".pt": _load_torch,
-    ".pkl": _load_pickle,
+    ".pkl": _load_torch,  # accelerate's random_states_<rank>.pkl are torch.save files
 }
 
 
