@@ -64,8 +64,8 @@ def open_experiment(cfg: Config) -> Experiment:
     dataset = _dataset_record(cfg, task, train, test)
     _check_same_dataset(exp_dir, dataset)
     write_json(exp_dir.dataset_path, dataset)
-    write_text(exp_dir.config_path, cfg.to_toml())
     folds = _load_or_make_folds(exp_dir, cfg, task, train)
+    write_text(exp_dir.config_path, cfg.to_toml())  # after every check: a refused run keeps it
     if test is None:
         log.info("no test file: running cross-validation only (no submission.csv)")
     return Experiment(cfg, exp_dir, task, train, test, sample, folds, dataset["fingerprint"])
@@ -93,6 +93,9 @@ def _read_sample(cfg: Config, task: Task, test: Dataset | None) -> pd.DataFrame 
                 f"not in it, {len(sample_ids - test_ids)} sample ids not in test; "
                 "use the matching test.csv and sample_submission.csv"
             )
+        # the columns are checked now, not after training when the submission is written
+        uniform = np.full((len(test), task.n_classes), 1 / task.n_classes, dtype=np.float32)
+        task.submission_frame(test.ids, uniform, sample)
     return sample
 
 

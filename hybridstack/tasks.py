@@ -154,6 +154,11 @@ class Task(ABC):
         out.insert(0, self.cfg.id_column, ids)
         if sample is None:
             return out
+        if set(sample.columns) != {self.cfg.id_column, *self.label_names}:
+            raise HybridstackError(
+                f"sample submission columns {list(sample.columns)} are not the id column "
+                f"'{self.cfg.id_column}' and {self.label_names}; use the competition's sample"
+            )
         out = out.set_index(self.cfg.id_column).loc[sample[self.cfg.id_column].astype(str)]
         out = out.reset_index()
         return out[list(sample.columns)]
