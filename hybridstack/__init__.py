@@ -1,9 +1,18 @@
 """hybridstack: staged hybrid text classification for Kaggle-style competitions."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from hybridstack.predict.predictor import Predictor
+
 __version__ = "0.1.0"
 
 
-def load(experiment_dir):
+def load(experiment_dir: str | Path) -> Predictor:
     """A :class:`hybridstack.predict.Predictor` for a finished experiment folder.
 
     Imported on first use, so ``import hybridstack`` stays light (no torch, no LightGBM).

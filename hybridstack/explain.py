@@ -5,7 +5,8 @@
 * LightGBM heads: LightGBM's own SHAP values (``pred_contrib``, TreeSHAP) of the length,
   similarity and kNN features; each embedding block is summed into one entry, since its
   single dimensions mean nothing to a reader. Units: the head's raw score (log-odds).
-* The stacker: each base model's share (``stack/weights.json``).
+* The stacker: each base model's share (``stack/weights.json``). MLP heads and fine-tuned
+  transformers get no finer explanation; their weight in the blend shows there.
 
 Pairwise models are explained on the original A/B order (predictions also average the
 swapped view).

@@ -327,6 +327,7 @@ def test_rows_missing_a_text_column_are_one_error_line(predictors):
     (["--text", "   "], "--text is empty"),
     (["--pair", "p.txt", "a.txt", "b.txt"], "--pair is for pairwise experiments"),
     (["--input", "in.csv"], "--input needs --output"),
+    (["--input", "no_such.csv", "--output", "o.csv"], "--input: file not found"),
     (["--text", "hi", "--output", "o.csv"], "--output goes with --input"),
 ])
 def test_cli_bad_arguments_are_one_error_line(multilabel_run, capsys, argv, message):

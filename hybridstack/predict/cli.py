@@ -73,6 +73,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise HybridstackError("--input needs --output: the CSV to write predictions to")
     if args.output and not args.input:
         raise HybridstackError("--output goes with --input; --text/--pair print their result")
+    if args.input and not Path(args.input).is_file():
+        raise HybridstackError(f"--input: file not found: {args.input}")
     if args.input and args.explain:
         raise HybridstackError("--explain works with --text or --pair (one row), not --input")
     if args.chunk_rows < 1:

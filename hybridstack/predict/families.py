@@ -146,7 +146,9 @@ def featurizer_key(encoder_key: str, length_features: bool, knn: bool) -> str:
 def embedding_cache(settings: dict[str, Any], ctx: RunContext) -> EmbeddingCache:
     """The EmbeddingCache with the encoder settings the heads were trained with."""
     embed = settings["embed"]
-    root = Path(embed["cache_dir"]) if embed.get("cache_dir") else ctx.dir.path.parent.parent / "cache" / "embeddings"
+    # the workdir's shared cache, unless the stage ran with an explicit embed.cache_dir
+    root = (Path(embed["cache_dir"]) if embed.get("cache_dir")
+            else ctx.dir.path.parent.parent / "cache" / "embeddings")
     return EmbeddingCache(root, embed["model"], max_seq_length=embed["max_seq_length"],
                           prefix=embed["prefix"], normalize=embed["normalize"],
                           dtype=embed["dtype"], batch_size=embed["batch_size"])
