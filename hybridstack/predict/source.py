@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import tomllib
 
 from hybridstack.config import Config, config_from_dict
 from hybridstack.errors import HybridstackError
