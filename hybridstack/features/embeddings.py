@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from hybridstack.errors import HybridstackError
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.runs import read_json, write_bytes, write_json
+from hybridstack.versions import library_versions
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -57,7 +57,6 @@ GATHER_ROWS = 65_536  # rows copied out of one memory map at a time (bounds temp
 _MODEL_DOC_SUFFIXES = (".md", ".gitattributes")
 _MODEL_SKIP_DIRS = {".git", "onnx", "openvino"}
 _STEM_PID = re.compile(r"^\.?[0-9a-f]+-(\d+)-[0-9a-f]+")
-_VERSIONED = ("numpy", "torch", "transformers", "sentence-transformers", "hybridstack")
 
 
 # -- hashing -----------------------------------------------------------------------------------
@@ -116,16 +115,6 @@ def _model_slug(name: str, folder: Path) -> str:
     else:
         base = name.rstrip("/").split("/")[-1]
     return re.sub(r"[^a-z0-9._]+", "-", base.lower()).strip("-.")[:40] or "model"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 # -- shards ------------------------------------------------------------------------------------

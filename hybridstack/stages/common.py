@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -16,22 +14,9 @@ from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.heads.base import OOFResult
 from hybridstack.runs import ModelDir, write_json, write_npy, write_text
+from hybridstack.versions import library_versions
 
 log = logging.getLogger(__name__)
-
-_VERSIONED = ("numpy", "scikit-learn", "lightgbm", "torch", "transformers",
-              "sentence-transformers", "accelerate", "faiss-cpu")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
 
 def skip_if_done(model: ModelDir, config_hash: str) -> bool:
     """True (and logs) when ``model`` is DONE for this exact config; else clears a stale DONE."""
@@ -132,7 +117,3 @@ def require_enabled(cfg: Config, section: str) -> bool:
         return False
     return True
 
-
-__all__ = ["HybridstackError", "best_model", "library_versions", "require_enabled",
-           "save_model_outputs", "skip_if_done", "stage_main", "write_best_submission",
-           "write_submission"]

@@ -30,12 +30,12 @@ from hybridstack.features.lengths import log_counts
 from hybridstack.folds import make_folds
 from hybridstack.runs import ModelDir, read_json, write_joblib, write_json, write_npy
 from hybridstack.stages.common import (
-    library_versions,
     require_enabled,
     skip_if_done,
     stage_main,
     write_submission,
 )
+from hybridstack.versions import library_versions
 
 log = logging.getLogger(__name__)
 
