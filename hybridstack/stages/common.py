@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from hybridstack.config import Config, load_config
-from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.heads.base import OOFResult
 from hybridstack.runs import ModelDir, write_json, write_npy, write_text
