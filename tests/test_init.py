@@ -163,7 +163,7 @@ def test_paths_relative_below_the_config_and_absolute_elsewhere(tmp_path, no_ref
 def test_models_fall_back_to_embedded_with_cpu_recipe(tmp_path, no_reference_models, capsys):
     write_competition(tmp_path / "jigsaw", "multilabel", 30, 10)
     raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
-    assert raw["embed"] == {"model": "embedded:minilm", "prefix": ""}
+    assert raw["embed"] == {"model": "embedded:minilm", "prefix": "", "max_seq_length": 256}
     assert raw["finetune"] == {"model": "embedded:minilm", **scaffold.CPU_FINETUNE}
     out = capsys.readouterr().out
     assert "intfloat/e5-small-v2 is not available offline" in out
