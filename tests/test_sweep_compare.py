@@ -77,3 +77,46 @@ def test_compare_heldout_scores(make_config, capsys, tmp_path):
     full.iloc[120:].drop(columns=["comment_text"]).to_csv(labels, index=False)
     rows = compare_rows(cfg.workdir, labels=labels)
     assert 0.6 < rows[0]["heldout"] <= 1.0
+
+
+class CountingEncoder:
+    """A stand-in sentence encoder: a fixed unit vector per text; records every text it encodes."""
+
+    max_seq_length = 64
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def get_embedding_dimension(self):
+        return 8
+
+    def encode(self, texts, **kwargs):
+        import hashlib
+
+        self.texts.extend(texts)
+        seeds = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little") for t in texts]
+        vectors = np.stack([np.random.default_rng(s).standard_normal(8) for s in seeds])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_embed_sweep_encodes_each_text_once_in_total(make_config, capsys, monkeypatch):
+    from hybridstack.features import embeddings
+
+    encoder = CountingEncoder()
+    monkeypatch.setattr(embeddings, "_load_model", lambda path, device: encoder)
+    cfg, path = make_config("pairwise", n_train=90, n_test=20, embed={
+        "enabled": True, "model": "embedded:minilm", "prefix": "", "max_seq_length": 64,
+        "lgbm": [{"name": "lgbm", "n_estimators": 20, "num_threads": 1}],
+        "mlp": [{"name": "mlp", "max_epochs": 3}]})
+    grid = ["--grid", "embed.lgbm.num_leaves=4,8", "--grid", "embed.mlp.dropout=0.1,0.3"]
+    assert main(["sweep", "-c", str(path), "--stage", "embed", *grid]) == 0
+    runs = sorted(p.name for p in (cfg.workdir / "runs").iterdir())
+    assert len(runs) == 4
+    assert len(encoder.texts) == len(set(encoder.texts))  # no text encoded twice, across all four
+    assert encoder.texts  # and something was encoded (by the first experiment)
+    n_encoded = len(encoder.texts)
+    assert main(["sweep", "-c", str(path), "--stage", "embed", *grid]) == 0
+    assert len(encoder.texts) == n_encoded  # the re-run encodes nothing and refits nothing
+    rows = compare_rows(cfg.workdir)
+    assert len(rows) == 8  # two heads in each of the four experiments
+    assert {"embed.lgbm.0.num_leaves", "embed.mlp.0.dropout"} <= set(rows[0])
