@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import tomllib
 
 from hybridstack.errors import HybridstackError
 from hybridstack.runs import DONE_FILE, ExperimentDir, ModelDir, read_json
