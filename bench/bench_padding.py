@@ -36,7 +36,7 @@ from hybridstack.finetune.model import (
 )
 from hybridstack.models import resolve_model
 
-DATA = Path(os.environ.get("HYBRIDSTACK_DATA", "/work/shared/data")) / "jigsaw-toxic-10k" / "train.csv"
+DATA = Path(os.environ.get("HYBRIDSTACK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "jigsaw-toxic-10k" / "train.csv"
 RESULTS = Path(__file__).parent / "results" / "padding.json"
 MAX_LENGTH = 256
 

@@ -22,7 +22,7 @@ FAST_EMBED = {
     "lgbm": [{"name": "lgbm", "n_estimators": 50, "num_threads": 1, "min_child_samples": 5}],
     "mlp": [{"name": "mlp", "max_epochs": 5, "hidden_sizes": [64]}],
 }
-JIGSAW_10K = Path("/work/shared/data/jigsaw-toxic-10k/source/train_10k.csv")
+JIGSAW_10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw-toxic-10k" / "source" / "train_10k.csv"
 
 
 def must_not_run(*args, **kwargs):
@@ -150,7 +150,7 @@ def test_disabled_stage_does_nothing(make_config, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not JIGSAW_10K.is_file(), reason="needs /work/shared/data")
+@pytest.mark.skipif(not JIGSAW_10K.is_file(), reason="needs ../shared/data")
 def test_jigsaw_10k_heads_score_above_0_90(tmp_path):
     cfg = config_from_dict({
         "experiment": "jigsaw10k", "workdir": str(tmp_path),
