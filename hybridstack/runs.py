@@ -189,6 +189,10 @@ class ExperimentDir:
     report_dir = property(lambda self: self.path / "report")
 
     def model(self, name: str) -> ModelDir:
+        """``name`` of this experiment, or ``<experiment>/<name>`` of a sibling in the same workdir."""
+        if "/" in name:
+            experiment, model_name = name.split("/", 1)
+            return ExperimentDir(self.path.parent / experiment).model(model_name)
         return ModelDir(self.models_dir / name)
 
     @property

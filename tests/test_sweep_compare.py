@@ -120,3 +120,23 @@ def test_embed_sweep_encodes_each_text_once_in_total(make_config, capsys, monkey
     rows = compare_rows(cfg.workdir)
     assert len(rows) == 8  # two heads in each of the four experiments
     assert {"embed.lgbm.0.num_leaves", "embed.mlp.0.dropout"} <= set(rows[0])
+
+
+def test_stack_blends_models_from_sibling_experiments_and_refuses_other_folds(make_config, capsys):
+    cfg, path = make_config("multiclass", n_train=150, n_test=30)
+    assert main(["run", "tfidf", "-c", str(path)]) == 0
+    other = ["--set", "experiment='other'", "--set", "tfidf.models=[{name='tfidf_weak', C=0.05}]"]
+    assert main(["run", "tfidf", "-c", str(path), *other]) == 0
+    stack = ["--set", "stack.enabled=true", "--set", "stack.models=['tfidf_logreg', 'other/tfidf_weak']"]
+    assert main(["run", "stack", "-c", str(path), *stack]) == 0
+    weights = (cfg.run_dir / "stack" / "weights.json").read_text()
+    assert "other/tfidf_weak" in weights and "tfidf_logreg" in weights
+    capsys.readouterr()
+
+    reseeded = ["--set", "experiment='reseeded'", "--set", "cv.seed=7",
+                "--set", "tfidf.models=[{name='tfidf_weak', C=0.05}]"]
+    assert main(["run", "tfidf", "-c", str(path), *reseeded]) == 0
+    capsys.readouterr()
+    mixed = ["--set", "stack.enabled=true", "--set", "stack.models=['tfidf_logreg', 'reseeded/tfidf_weak']"]
+    assert main(["run", "stack", "-c", str(path), *mixed]) == 2
+    assert "other data or folds" in capsys.readouterr().err

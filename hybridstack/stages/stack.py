@@ -28,7 +28,7 @@ from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment, open_experiment
 from hybridstack.features.lengths import log_counts
 from hybridstack.folds import make_folds
-from hybridstack.runs import ModelDir, read_json, write_joblib, write_json, write_npy
+from hybridstack.runs import ExperimentDir, ModelDir, read_json, write_joblib, write_json, write_npy
 from hybridstack.stages.common import (
     require_enabled,
     skip_if_done,
@@ -66,21 +66,41 @@ def select_base_models(exp: Experiment) -> list[BaseModel]:
     if wanted is None:
         names = sorted(finished)
     else:
-        missing = [n for n in wanted if n not in finished]
+        names = list(dict.fromkeys(wanted))
+        finished.update({n: sibling_model(exp, n) for n in names if "/" in n})
+        missing = [n for n in names if n not in finished]
         if missing:
             raise HybridstackError(
                 f"stack.models: {', '.join(missing)} not finished in {exp.dir.models_dir} "
                 f"(finished: {', '.join(sorted(finished)) or 'none'}); run its stage or fix the name")
-        names = list(dict.fromkeys(wanted))
     if not names:
         raise HybridstackError(
             f"stack: no finished base models in {exp.dir.models_dir}; run tfidf, embed or finetune first")
-    return [load_base_model(exp, finished[n]) for n in names]
+    return [load_base_model(exp, finished[n], n) for n in names]
 
 
-def load_base_model(exp: Experiment, model: ModelDir) -> BaseModel:
+def sibling_model(exp: Experiment, name: str) -> ModelDir:
+    """``<experiment>/<model>`` from another experiment of this workdir (e.g. a sweep's best head).
+
+    Only experiments on the same data with the same folds qualify: their OOF rows must
+    line up row by row with this experiment's.
+    """
+    model = exp.dir.model(name)
+    other = ExperimentDir(model.path.parent.parent)
+    if not model.is_done():
+        raise HybridstackError(f"stack.models: {name} is not finished ({model.path} has no DONE)")
+    same_data = read_json(other.dataset_path).get("fingerprint") == exp.fingerprint
+    if not (same_data and other.folds_path.is_file() and np.array_equal(np.load(other.folds_path), exp.folds)):
+        raise HybridstackError(
+            f"stack.models: {name} comes from an experiment with other data or folds than "
+            f"{exp.dir.path.name}; only experiments of the same dataset and folds can be blended")
+    return model
+
+
+def load_base_model(exp: Experiment, model: ModelDir, name: str | None = None) -> BaseModel:
     """Load one model's outputs; refuse other columns, row counts or folds in one line."""
-    where = f"models/{model.name}"
+    name = name or model.name
+    where = f"models/{name}"
     label_names = read_json(model.config_path).get("label_names") if model.config_path.is_file() else None
     if label_names != exp.task.label_names:
         raise HybridstackError(
@@ -101,7 +121,7 @@ def load_base_model(exp: Experiment, model: ModelDir) -> BaseModel:
                                    "re-run its stage")
     check_same_folds(exp, model, oof)
     done_hash = model.done_path.read_text().strip()
-    return BaseModel(model.name, done_hash, oof.astype(np.float32), test)
+    return BaseModel(name, done_hash, oof.astype(np.float32), test)
 
 
 def check_same_folds(exp: Experiment, model: ModelDir, oof: np.ndarray) -> None:
