@@ -112,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add a sub-command through ``add_parser(subparsers)``; each sets ``func``.
-_EXTRA_COMMANDS: list[str] = ["hybridstack.sweep", "hybridstack.compare", "hybridstack.scaffold", "hybridstack.score", "hybridstack.cache_cli",
-                              "hybridstack.report", "hybridstack.predict.cli", "hybridstack.audit"]
+_EXTRA_COMMANDS: list[str] = [
+    "hybridstack.sweep",
+    "hybridstack.compare",
+    "hybridstack.scaffold",  # init
+    "hybridstack.score",
+    "hybridstack.cache_cli",
+    "hybridstack.report",
+    "hybridstack.predict.cli",
+    "hybridstack.audit",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
