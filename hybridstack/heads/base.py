@@ -85,6 +85,10 @@ class FoldStore:
 
     def save(self, k: int, head: Any, valid: np.ndarray, test: np.ndarray | None, info: dict) -> None:
         write_joblib(self._dir(k) / "model.joblib", head)
+        self.save_predictions(k, valid, test, info)
+
+    def save_predictions(self, k: int, valid: np.ndarray, test: np.ndarray | None, info: dict) -> None:
+        """``fold_<k>/pred.npz``: the fold's done marker, written last (after any model files)."""
         empty = np.zeros((0, valid.shape[1]), dtype=np.float32)
         arrays = {
             "valid": valid,

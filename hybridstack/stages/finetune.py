@@ -26,7 +26,7 @@ from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
 from hybridstack.folds import fold_rows
 from hybridstack.heads.base import FoldStore, OOFResult
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
-from hybridstack.runs import ModelDir, write_json, write_with
+from hybridstack.runs import ModelDir, write_json
 from hybridstack.stages.common import (
     require_enabled,
     save_model_outputs,
@@ -176,19 +176,9 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
 
 
 def save_fold_predictions(store: FoldStore, fold: int, outcome: FoldOutcome) -> None:
-    """``fold_<k>/history.json`` (per-epoch loss, score, speed), then ``fold_<k>/pred.npz``
-    in :class:`FoldStore`'s format: the fold's done marker, written last."""
-    fold_dir = store.model_path / f"fold_{fold}"
-    write_json(fold_dir / "history.json", outcome.info["history"])
-    C = outcome.valid_pred.shape[1]
-    arrays = {
-        "valid": outcome.valid_pred,
-        "test": np.zeros((0, C), np.float32) if outcome.test_pred is None else outcome.test_pred,
-        "config_hash": np.array(store.config_hash),
-        "seconds": np.array(outcome.info["seconds"]),
-        "best_iteration": np.array(outcome.info["best_iteration"]),
-    }
-    write_with(fold_dir / "pred.npz", lambda fh: np.savez(fh, **arrays))
+    """``fold_<k>/history.json`` (per-epoch loss, score, speed), then the fold's ``pred.npz``."""
+    write_json(store.model_path / f"fold_{fold}" / "history.json", outcome.info["history"])
+    store.save_predictions(fold, outcome.valid_pred, outcome.test_pred, outcome.info)
 
 
 if __name__ == "__main__":
