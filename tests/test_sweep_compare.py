@@ -1,7 +1,9 @@
 """hybridstack sweep and compare on tiny synthetic data."""
 
 import numpy as np
+import pandas as pd
 
+import hybridstack
 from hybridstack.cli import main
 from hybridstack.compare import compare_rows
 from hybridstack.sweep import combination_name, parse_grid
@@ -131,6 +133,10 @@ def test_stack_blends_models_from_sibling_experiments_and_refuses_other_folds(ma
     assert main(["run", "stack", "-c", str(path), *stack]) == 0
     weights = (cfg.run_dir / "stack" / "weights.json").read_text()
     assert "other/tfidf_weak" in weights and "tfidf_logreg" in weights
+    # the predictor finds the sibling model too and reproduces the stacked test predictions
+    test_rows = pd.read_csv(cfg.data.test, dtype=str, keep_default_na=False)
+    predicted = hybridstack.load(cfg.run_dir).predict_proba(test_rows)
+    np.testing.assert_allclose(predicted, np.load(cfg.run_dir / "stack" / "test.npy"), atol=1e-6)
     capsys.readouterr()
 
     reseeded = ["--set", "experiment='reseeded'", "--set", "cv.seed=7",
