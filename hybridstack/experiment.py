@@ -47,6 +47,11 @@ class Experiment:
         blob = self.fingerprint + self.cfg.section_hash(*sections)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def snapshot_config(self) -> None:
+        """Write config.toml: called when a stage saves outputs, so the snapshot is always the
+        config that produced the latest model (a stage that fails later leaves it untouched)."""
+        write_text(self.dir.config_path, self.cfg.to_toml())
+
     @cached_property
     def test_ids(self) -> np.ndarray:
         return self.test.ids if self.test is not None else np.array([], dtype=str)
@@ -65,10 +70,12 @@ def open_experiment(cfg: Config) -> Experiment:
     _check_same_dataset(exp_dir, dataset)
     write_json(exp_dir.dataset_path, dataset)
     folds = _load_or_make_folds(exp_dir, cfg, task, train)
-    write_text(exp_dir.config_path, cfg.to_toml())  # after every check: a refused run keeps it
+    exp = Experiment(cfg, exp_dir, task, train, test, sample, folds, dataset["fingerprint"])
+    if not exp_dir.config_path.is_file():
+        exp.snapshot_config()  # a new folder describes itself from the start
     if test is None:
         log.info("no test file: running cross-validation only (no submission.csv)")
-    return Experiment(cfg, exp_dir, task, train, test, sample, folds, dataset["fingerprint"])
+    return exp
 
 
 def _read(cfg: Config, path):

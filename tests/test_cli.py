@@ -154,3 +154,14 @@ def test_dedup_drops_exact_duplicates(make_config, caplog):
     assert dataset["n_train"] == 60
     assert dataset["train_stats"]["dedup_dropped"] == 5
     assert dataset["train_stats"]["dedup_conflicts"] == 1
+
+
+def test_failing_stage_keeps_the_config_snapshot_of_the_last_model(make_config, capsys, tmp_path):
+    cfg, path = make_config("multiclass", n_train=60, n_test=10)
+    assert main(["run", "tfidf", "-c", str(path)]) == 0
+    snapshot = (cfg.run_dir / "config.toml").read_bytes()
+    missing = tmp_path / "no_such_model"
+    assert main(["run", "embed", "-c", str(path), "--set", "embed.enabled=true",
+                 "--set", f"embed.model='{missing}'"]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert (cfg.run_dir / "config.toml").read_bytes() == snapshot

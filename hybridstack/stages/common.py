@@ -58,6 +58,7 @@ def save_model_outputs(
     write_json(model.scores_path, scores)
     write_json(model.config_path, {"stage": stage, "settings": settings, "versions": library_versions(),
                                    "label_names": exp.task.label_names})
+    exp.snapshot_config()
     model.mark_done(config_hash)
     print(f"{model.name}: CV {exp.task.metric_name} = {scores['overall']:.5f} "
           f"({scores['rows_validated']} rows, {scores['seconds']:.1f}s)")

@@ -306,6 +306,7 @@ def save_stack(exp: Experiment, bases: list[BaseModel], final: Any, choice: Choi
         "versions": library_versions(), "label_names": exp.task.label_names})
     if test_pred is not None:
         write_submission(exp, test_pred, f"stack: {choice.name}")
+    exp.snapshot_config()
     stack.mark_done(config_hash)
     print(f"stack: nested CV {exp.task.metric_name} = {chosen.overall:.5f} "
           f"({scores['rows_validated']} rows, {info['seconds']:.1f}s)")
