@@ -54,6 +54,14 @@ def _model_shares(importance: np.ndarray, n_models: int, n_classes: int) -> list
     return (per_model / total if total > 0 else np.full(n_models, 1.0 / n_models)).tolist()
 
 
+def _fitted_models(meta: Any) -> list:
+    """The fitted model(s) of a meta-model: ``model_``, or the per-label ``models_`` that are not
+    constant rates (a label with one class in the training rows is a float)."""
+    if hasattr(meta, "model_"):
+        return [meta.model_]
+    return [m for m in meta.models_ if not isinstance(m, float)]
+
+
 class LogRegMeta(BaseEstimator):
     """Logistic regression on standardised base logits, C chosen by inner stratified CV.
 
@@ -103,8 +111,7 @@ class LogRegMeta(BaseEstimator):
 
     def summary(self) -> dict[str, Any]:
         """JSON-able: each base model's share of |coefficient| and the chosen C per model."""
-        fitted = [self.model_] if hasattr(self, "model_") else [
-            m for m in self.models_ if not isinstance(m, float)]
+        fitted = _fitted_models(self)
         if not fitted:
             return {"kind": "importance share",
                     "weights": [1.0 / self.n_models_] * self.n_models_, "C": []}
@@ -171,8 +178,7 @@ class LGBMMeta(BaseEstimator):
 
     def summary(self) -> dict[str, Any]:
         """JSON-able: each base model's share of split gain and the rounds per model."""
-        boosters = [self.model_] if hasattr(self, "model_") else [
-            m for m in self.models_ if not isinstance(m, float)]
+        boosters = _fitted_models(self)
         if not boosters:
             return {"kind": "importance share",
                     "weights": [1.0 / self.n_models_] * self.n_models_, "rounds": []}
