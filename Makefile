@@ -25,3 +25,14 @@ lint:
 
 bench:
 	$(PYTHON) bench/run_all.py
+
+# Offline wheelhouse for Kaggle (torch comes with the image and is left out):
+#   make wheels [PYTHON_VERSION=3.12] [EXTRAS=demo] [WHEELHOUSE=dist/wheelhouse-py312]
+# then, offline: pip install --no-index --find-links DIR -c DIR/constraints.txt hybridstack
+WHEELHOUSE ?= dist/wheelhouse
+PYTHON_VERSION ?=
+EXTRAS ?=
+
+.PHONY: wheels
+wheels:
+	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) $(if $(EXTRAS),--extras $(EXTRAS))

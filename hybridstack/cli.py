@@ -44,14 +44,28 @@ def run_guarded(action: Callable[[], object]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def run_stage(name: str, config_path: str, overrides: list[str]) -> None:
+def run_stage(name: str, config_path: str, overrides: list[str], num_processes: int = 1,
+              cpu: bool = False) -> int:
+    """Run one stage or all in order; the fine-tune on ``num_processes`` data-parallel processes.
+
+    Returns the exit status (non-zero when a multi-process fine-tune failed; the later
+    stages are then not run).
+    """
     cfg = load_config(config_path, overrides)
     stages = STAGE_ORDER if name == "all" else (name,)
     for stage in stages:
         print(f"== stage {stage} ==", flush=True)
+        if stage == "finetune" and num_processes > 1:
+            from hybridstack.finetune.launch import launch_multiprocess
+
+            code = launch_multiprocess(config_path, overrides, num_processes, cpu=cpu)
+            if code != 0:
+                return code
+            continue
         importlib.import_module(f"hybridstack.stages.{stage}").run(cfg)
     if name == "all":
         _write_report_if_available(cfg)
+    return 0
 
 
 def _write_report_if_available(cfg) -> None:
@@ -65,14 +79,12 @@ def _write_report_if_available(cfg) -> None:
 # -- commands --------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    if args.num_processes and args.num_processes > 1:
-        if args.stage != "finetune":
-            raise HybridstackError("--num-processes applies to the finetune stage only")
-        from hybridstack.finetune.launch import launch_multiprocess
-
-        return launch_multiprocess(args.config, args.set, args.num_processes, cpu=args.cpu)
-    run_stage(args.stage, args.config, args.set)
+def cmd_run(args: argparse.Namespace) -> int:
+    num_processes = args.num_processes or 1
+    if num_processes > 1 and args.stage not in ("finetune", "all"):
+        raise HybridstackError(f"--num-processes applies to the finetune stage (run finetune or run "
+                               f"all), not to {args.stage}")
+    return run_stage(args.stage, args.config, args.set, num_processes, cpu=args.cpu)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -95,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set finetune.lr=2e-5")
     run.add_argument("--num-processes", type=int, default=None,
-                     help="finetune: data-parallel processes (GPUs) via accelerate")
+                     help="finetune (also within run all): data-parallel processes (GPUs)")
     run.add_argument("--cpu", action="store_true", help="finetune: force CPU processes (gloo)")
     run.set_defaults(func=cmd_run)
 

@@ -176,7 +176,9 @@ class FinetuneConfig(Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighted_bce: bool = True
+    # hidden-state and classifier-head dropout; None keeps the checkpoint's rates
     dropout: float | None = Field(None, ge=0, lt=1)
+    attention_dropout: float | None = Field(None, ge=0, lt=1)  # None: the checkpoint's
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
@@ -203,6 +205,9 @@ class StackConfig(Section):
 class Config(Section):
     experiment: str = "experiment"
     workdir: Path = Path(".")
+    # a second copy of every submission.csv written, e.g. /kaggle/working/submission.csv where
+    # Kaggle reads it; relative to workdir. None: only runs/<experiment>/submission.csv
+    submission: Path | None = None
     task: TaskConfig = TaskConfig()
     data: DataConfig
     cv: CVConfig = CVConfig()
@@ -327,6 +332,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         return str(p if p.is_absolute() else base_dir / p)
 
     raw["workdir"] = resolve(raw.get("workdir", "."))
+    if raw.get("submission"):
+        sub = Path(str(raw["submission"])).expanduser()
+        raw["submission"] = str(sub if sub.is_absolute() else Path(raw["workdir"]) / sub)
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "test", "sample_submission"):

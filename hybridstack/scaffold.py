@@ -25,14 +25,16 @@ from hybridstack.config import (
     dump_toml,
 )
 from hybridstack.errors import HybridstackError, one_line
-from hybridstack.models import EMBEDDED_MINILM, find_model
+from hybridstack.models import EMBEDDED_MINILM, find_model, is_under_input_root, kaggle_working_dir
+from hybridstack.recipes import RECIPES, Recipe, finetune_recipe_for, load_recipe
 from hybridstack.runs import write_text
-from hybridstack.tables import guess_delimiter
+from hybridstack.tables import guess_delimiter, open_text, read_first_line, table_file_names
 
 DETECT_ROWS = 5000  # enough rows to judge column types without parsing a 1 GB train file
-TRAIN_FILES = ("train.csv", "train.tsv")
-TEST_FILES = ("test.csv", "test.tsv")
-SAMPLE_FILES = ("sample_submission.csv", "sample_submission.tsv")
+# plain or compressed as Kaggle ships them (Jigsaw: train.csv.zip)
+TRAIN_FILES = table_file_names("train")
+TEST_FILES = table_file_names("test")
+SAMPLE_FILES = table_file_names("sample_submission")
 
 PAIRWISE_TEXT = ["prompt", "response_a", "response_b"]
 ID_NAMES = {"id", "qid", "row_id", "uid", "index"}
@@ -55,16 +57,6 @@ REFERENCE_FINETUNE = {"pairwise": "microsoft/deberta-v3-small",
 CPU_FINETUNE: dict[str, Any] = {"folds": [0], "max_length": 128, "epochs": 1,
                                 "max_train_rows": 3000, "batch_size": 16, "lr": 1e-4,
                                 "warmup_ratio": 0.1, "class_weighted_bce": False}
-# With a GPU (a T4 or better): the full recipe on every fold.
-GPU_FINETUNE: dict[str, dict[str, Any]] = {
-    # three segments (prompt, two responses) need a long budget; accumulation keeps T4 memory low
-    "pairwise": {"max_length": 1024, "epochs": 2, "batch_size": 4, "grad_accum": 4, "lr": 2e-5},
-    # toxic comments are short: 256 tokens cover almost all of them
-    "multilabel": {"max_length": 256, "epochs": 2, "batch_size": 16, "lr": 2e-5},
-    "multiclass": {"max_length": 512, "epochs": 3, "batch_size": 8, "lr": 2e-5},
-}
-
-
 # -- finding and reading the files --------------------------------------------------------
 
 
@@ -98,15 +90,14 @@ def read_head(path: Path, delimiter: str | None = None, column_names: list[str] 
     pandas.DataFrame
         ``(min(nrows, n_rows), n_columns)``, every cell a ``str`` (missing cells are "").
     """
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        first_line = fh.readline()
+    first_line = read_first_line(path)
     if not first_line.strip():
         raise HybridstackError(f"{path} is empty or starts with a blank line: it needs a header line and rows")
     sep = delimiter or guess_delimiter(path, first_line)
     try:
-        frame = pd.read_csv(path, sep=sep, nrows=nrows, dtype=str, keep_default_na=False,
-                            encoding="utf-8-sig", encoding_errors="replace",
-                            header=None if column_names else "infer")
+        with open_text(path) as fh:
+            frame = pd.read_csv(fh, sep=sep, nrows=nrows, dtype=str, keep_default_na=False,
+                                header=None if column_names else "infer")
     except (pd.errors.ParserError, ValueError) as err:
         raise HybridstackError(f"{path}: cannot parse as delimited text ({one_line(err)}); pass --delimiter") from None
     if column_names is not None and len(column_names) != frame.shape[1]:
@@ -337,9 +328,9 @@ def choose_model(reference: str, key: str) -> tuple[str, str]:
         return reference, f"{key} = {reference} (found at {found})"
     if find_model(EMBEDDED_MINILM) is None:
         return reference, (f"{key} = {reference}: NOT available offline and no embedded fallback; "
-                           f"run `huggingface-cli download {reference}` before that stage")
+                           f"run `hf download {reference}` before that stage")
     return EMBEDDED_MINILM, (f"{key} = {EMBEDDED_MINILM} ({reference} is not available offline; "
-                             f"download it with `huggingface-cli download {reference}` for better scores)")
+                             f"download it with `hf download {reference}` for better scores)")
 
 
 def _embed_section(embed_model: str) -> dict[str, Any]:
@@ -351,8 +342,9 @@ def _embed_section(embed_model: str) -> dict[str, Any]:
 
 def finetune_recipe(kind: str, gpu: bool) -> tuple[dict[str, Any], str]:
     if gpu:
-        recipe = GPU_FINETUNE[kind]
-        return dict(recipe), "finetune: GPU -> full recipe on every fold (" + _show(recipe) + ")"
+        recipe = finetune_recipe_for(kind)
+        recipe.pop("model", None)  # the model is chosen by what resolves offline
+        return recipe, "finetune: GPU -> the packaged recipe's settings (" + _show(recipe) + ")"
     return dict(CPU_FINETUNE), ("finetune: no GPU -> sized to finish in minutes (" + _show(CPU_FINETUNE)
                                 + "); pass --gpu for the full recipe")
 
@@ -393,10 +385,17 @@ class InitOptions:
     gpu: bool | None = None  # None: torch.cuda.is_available()
     overrides: list[str] = field(default_factory=list)
     force: bool = False
+    recipe: str | None = None  # a packaged recipe (hybridstack/recipes/<name>.toml)
 
 
 def build_config(opts: InitOptions) -> tuple[dict[str, Any], list[str]]:
     """The raw config dict for ``opts`` and the lines that explain each choice."""
+    recipe = load_recipe(opts.recipe) if opts.recipe else None
+    if recipe is not None:
+        if opts.hints.kind and opts.hints.kind != recipe.kind:
+            raise HybridstackError(f"--recipe {recipe.name} is for {recipe.kind} tasks, not "
+                                   f"--kind {opts.hints.kind}; drop one of the two")
+        opts.hints.kind = recipe.kind
     files = find_competition_files(opts.competition_dir)
     train = read_head(files.train, opts.delimiter, opts.column_names)
     if opts.column_names is None:
@@ -414,23 +413,40 @@ def build_config(opts: InitOptions) -> tuple[dict[str, Any], list[str]]:
         data["delimiter"] = opts.delimiter
     if opts.column_names:
         data["column_names"] = opts.column_names
+    raw: dict[str, Any] = {"experiment": opts.experiment or (recipe.name if recipe else
+                                                             _experiment_name(opts.competition_dir))}
+    notes = [f"{files.train.name}: {len(train)} rows read for detection, {len(train.columns)} columns",
+             *det.reasons, f"id: {det.id_column}"]
+    if is_under_input_root(opts.competition_dir):
+        # Kaggle: inputs are read-only, runs go to the working folder, and the blend is
+        # copied to where Kaggle reads the submission
+        working = kaggle_working_dir()
+        raw.update(workdir=str(working), submission=str(working / "submission.csv"))
+        notes.append(f"under the input root: workdir {working}, submission {raw['submission']}")
+    raw.update(task=det.task_section(), data=data)
+    if recipe is not None:
+        notes += [f"recipe {recipe.name}: every other setting from hybridstack/recipes/"
+                  f"{recipe.name}.toml", *_model_availability(recipe)]
+        return _merge(raw, recipe.sections), notes
     embed_model, embed_why = choose_model(REFERENCE_EMBED[0], "embed.model")
     finetune_model, finetune_why = choose_model(REFERENCE_FINETUNE[det.kind], "finetune.model")
     gpu = _gpu_available() if opts.gpu is None else opts.gpu
-    recipe, recipe_why = finetune_recipe(det.kind, gpu)
-    raw = {
-        "experiment": opts.experiment or _experiment_name(opts.competition_dir),
-        "task": det.task_section(),
-        "data": data,
-        "cv": {"n_splits": 5, "seed": 42},
-        "embed": _embed_section(embed_model),
-        "finetune": {"model": finetune_model, **recipe},
-    }
-    for item in opts.overrides:
-        apply_override(raw, item)
-    notes = [f"{files.train.name}: {len(train)} rows read for detection, {len(train.columns)} columns",
-             *det.reasons, f"id: {det.id_column}", embed_why, finetune_why, recipe_why]
-    return raw, notes
+    settings, settings_why = finetune_recipe(det.kind, gpu)
+    raw.update(cv={"n_splits": 5, "seed": 42}, embed=_embed_section(embed_model),
+               finetune={"model": finetune_model, **settings})
+    return raw, [*notes, embed_why, finetune_why, settings_why]
+
+
+def _model_availability(recipe: Recipe) -> list[str]:
+    """A recipe keeps its models; say for each whether it resolves offline here."""
+    lines = []
+    for section in ("embed", "finetune"):
+        name = recipe.sections[section]["model"]
+        found = find_model(name)
+        lines.append(f"{section}.model = {name} (found at {found})" if found else
+                     f"{section}.model = {name}: NOT available offline yet; attach it under the "
+                     f"input root (e.g. as a Kaggle model) or `hf download {name}` before that stage")
+    return lines
 
 
 def init_config(opts: InitOptions) -> Path:
@@ -438,14 +454,47 @@ def init_config(opts: InitOptions) -> Path:
     if opts.output.exists() and not opts.force:
         raise HybridstackError(f"{opts.output} exists; pass --force to overwrite it or -o to write elsewhere")
     raw, notes = build_config(opts)
+    for item in opts.overrides:
+        apply_override(raw, item)
     config_from_dict(raw, base_dir=opts.output.resolve().parent, source=str(opts.output))
-    header = (f"# written by `hybridstack init {opts.competition_dir}`; every key is documented in "
-              "hybridstack/config.py\n# relative paths are read from this file's folder\n\n")
-    write_text(opts.output, header + dump_toml(raw))
+    write_text(opts.output, config_text(opts, raw))
     for line in notes:
         print(line)
     print(f"wrote {opts.output}; next: hybridstack run all -c {opts.output}")
     return opts.output
+
+
+def config_text(opts: InitOptions, raw: dict[str, Any]) -> str:
+    """The file ``init`` writes: a header, then the config (a recipe keeps its comments)."""
+    command = f"hybridstack init {opts.competition_dir}" + (f" --recipe {opts.recipe}" if opts.recipe else "")
+    header = (f"# written by `{command}`; every key is documented in hybridstack/config.py\n"
+              "# relative paths are read from this file's folder\n\n")
+    if opts.recipe is None or opts.overrides:
+        return header + dump_toml(raw)  # --set values are merged, so the recipe's comments go
+    own = _without(raw, load_recipe(opts.recipe).sections)
+    return header + dump_toml(own) + "\n" + load_recipe(opts.recipe).text
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, section by section (nested tables merged, not replaced)."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _without(raw: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """What ``raw`` holds beyond ``sections`` (the inverse of :func:`_merge`)."""
+    out = {}
+    for key, value in raw.items():
+        if key not in sections:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(sections[key], dict):
+            rest = _without(value, sections[key])
+            if rest:
+                out[key] = rest
+    return out
 
 
 # -- command line -------------------------------------------------------------------------
@@ -458,7 +507,7 @@ def _options_from_args(args: argparse.Namespace) -> InitOptions:
     delimiter = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
     hints = DetectionHints(args.kind, args.id_column, args.text_column, args.label_column)
     return InitOptions(Path(args.competition_dir), Path(args.output), hints, columns, delimiter,
-                       args.experiment, args.gpu, args.set, args.force)
+                       args.experiment, args.gpu, args.set, args.force, args.recipe)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -477,8 +526,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--columns", help="comma-separated column names for --no-header files")
     p.add_argument("--delimiter", help=r"field delimiter (default: by extension, else sniffed; '\t' for tab)")
     p.add_argument("--experiment", help="experiment name (default: the folder's name)")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="write a packaged competition recipe (models and every setting) for this folder")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="size the fine-tune for a GPU or for CPU (default: detected)")
+                   help="size the fine-tune for a GPU (the recipe of the detected kind) or for CPU "
+                        "(default: detected)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a written value, e.g. --set cv.n_splits=10")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")

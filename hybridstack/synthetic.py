@@ -133,3 +133,79 @@ def write_competition(folder: str | Path, kind: str, n_train: int, n_test: int, 
     data = {"train": str(folder / "train.csv"), "test": str(folder / "test.csv"),
             "sample_submission": str(folder / "sample_submission.csv")}
     return {"task": dict(task), "data": data}
+
+
+def write_kaggle_competition(input_root: str | Path, recipe: str, n_train: int = 40,
+                             n_test: int = 10, seed: int = 0) -> Path:
+    """A synthetic competition folder named and shaped as Kaggle attaches it for ``recipe``.
+
+    ``<input_root>/<competition>/``: LMSYS ships plain CSVs, Jigsaw zipped ones
+    (``train.csv.zip``, ...). Returns the competition folder.
+    """
+    import zipfile
+
+    from hybridstack.recipes import load_recipe
+
+    spec = load_recipe(recipe)
+    folder = Path(input_root) / spec.competition
+    write_competition(folder, spec.kind, n_train, n_test, seed=seed)
+    if recipe == "jigsaw":
+        for name in ("train.csv", "test.csv", "sample_submission.csv"):
+            with zipfile.ZipFile(folder / f"{name}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.write(folder / name, arcname=name)
+            (folder / name).unlink()
+    return folder
+
+
+_SPM_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+
+
+def write_tiny_deberta_v3(folder: str | Path, texts: list[str], *, dtype: str = "float16",
+                          vocab_size: int = 300, hidden_size: int = 32, num_layers: int = 2,
+                          max_positions: int = 512, seed: int = 0) -> Path:
+    """A randomly initialised DeBERTa-v3 backbone shaped like the Hub's checkpoints.
+
+    Like ``microsoft/deberta-v3-small``: ``config.json``, weights stored in ``dtype``
+    (float16 on the Hub) and a tokenizer that is only ``spm.model`` + ``tokenizer_config.json``
+    (no tokenizer.json, so loading it converts the sentencepiece model). The vocabulary is
+    trained on ``texts``. For tests and rehearsals: it learns, but knows nothing.
+    """
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in texts if t.strip()), encoding="utf-8")
+    # ids as in deberta-v3: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK] last
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spm"), vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]",
+        bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]", hard_vocab_limit=False,
+        minloglevel=2, num_threads=1, seed_sentencepiece_size=100_000,
+    )
+    corpus.unlink()
+    (folder / "spm.vocab").unlink(missing_ok=True)
+    size = spm.SentencePieceProcessor(model_file=str(folder / "spm.model")).get_piece_size()
+    tokenizer_config = {"tokenizer_class": "DebertaV2Tokenizer", "do_lower_case": False,
+                        "vocab_type": "spm", "split_by_punct": False,
+                        "bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]",
+                        "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                        "mask_token": "[MASK]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    torch.manual_seed(seed)
+    config = DebertaV2Config(
+        vocab_size=size + 1, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_positions, pad_token_id=0,
+        # the relative-attention settings of deberta-v3
+        relative_attention=True, position_buckets=64, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+        position_biased_input=False,
+    )
+    model = DebertaV2Model(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return folder

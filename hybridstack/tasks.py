@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
 from hybridstack.config import CleanConfig, Config, TaskConfig
 from hybridstack.errors import HybridstackError
-from hybridstack.features.text import clean_text
+from hybridstack.features.text import clean_text, replace_lone_surrogates
 from hybridstack.tables import Table, read_table, require_columns
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Task(ABC):
     def __init__(self, cfg: TaskConfig, clean: CleanConfig):
         self.cfg = cfg
         self.clean = clean
+        # what parse() had to normalise in the table being parsed (logged and kept in stats)
+        self._odd_text: Counter[str] = Counter()
 
     # -- columns -----------------------------------------------------------------------
     @property
@@ -94,6 +97,7 @@ class Task(ABC):
     def parse(self, table: Table, labelled: bool) -> Dataset:
         """Validate ``table`` and return the Dataset (``labelled``: read the target too)."""
         frame = table.frame
+        self._odd_text = Counter()
         needed = [*self.text_columns(), *(self.label_columns() if labelled else [])]
         require_columns(table, needed, hint="set the column names in [task]")
         if self.cfg.id_column in frame.columns:
@@ -110,11 +114,23 @@ class Task(ABC):
             log.warning("%s: %d rows have empty or missing text (kept as empty text)",
                         table.path.name, n_empty)
         Y = self.parse_target(frame, ids, table.path.name) if labelled else None
-        stats = {"rows": len(ids), "empty_text": n_empty, "bad_bytes": table.n_bad_bytes}
+        for what, count in sorted(self._odd_text.items()):
+            # null turns are routine in LMSYS (unanswered turns); the rest is worth a look
+            level = logging.DEBUG if what == "turns_null" else logging.WARNING
+            log.log(level, "%s: %d %s", table.path.name, count, ODD_TEXT_NOTES[what])
+        stats = {"rows": len(ids), "empty_text": n_empty, "bad_bytes": table.n_bad_bytes,
+                 **self._odd_text}
         return Dataset(ids=ids, fields=fields, Y=Y, groups=self.groups(fields), stats=stats)
 
     def _clean(self, values) -> list[str]:
-        return [clean_text(v, self.clean) for v in values]
+        """Cleaned text; lone surrogates become U+FFFD first (counted), so no tokenizer fails."""
+        out = []
+        for value in values:
+            value, n_surrogates = replace_lone_surrogates(value)
+            if n_surrogates:
+                self._odd_text["lone_surrogates"] += n_surrogates
+            out.append(clean_text(value, self.clean))
+        return out
 
     @abstractmethod
     def render_fields(self, frame: pd.DataFrame, source: str) -> dict[str, list[str]]: ...
@@ -215,7 +231,7 @@ class PairwiseTask(Task):
         ids = frame[self.cfg.id_column].astype(str).tolist()
         columns = self.text_columns()
         return {
-            name: self._clean(_join_turns(frame[col].tolist(), ids, col, source))
+            name: self._clean(_join_turns(frame[col].tolist(), ids, col, source, self._odd_text))
             for name, col in zip(self.field_names, columns)
         }
 
@@ -417,8 +433,36 @@ def _join_columns(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     return ["\n".join(parts) for parts in zip(*(frame[c].tolist() for c in columns))]
 
 
-def _join_turns(values: list[str], ids: list[str], column: str, source: str) -> list[str]:
-    """Parse LMSYS JSON lists of turns (nulls allowed) and join them turn by turn."""
+# What Task.parse normalises, as the log says it (the keys are also Dataset.stats keys).
+ODD_TEXT_NOTES = {
+    "lone_surrogates": "lone UTF-16 surrogates replaced by U+FFFD",
+    "turns_null": "null turns read as empty turns",
+    "turns_bool": "true/false turns read as the text 'true'/'false'",
+    "turns_number": "number turns read as their decimal text",
+    "turns_nested": "list/object turns read as their JSON text",
+}
+
+
+def _turn_text(turn: object, counts: Counter[str]) -> str:
+    """One LMSYS turn as text; anything but a string is normalised and counted."""
+    if isinstance(turn, str):
+        return turn
+    if turn is None:
+        counts["turns_null"] += 1
+        return ""
+    if isinstance(turn, bool):  # before numbers: bool is an int subclass
+        counts["turns_bool"] += 1
+        return "true" if turn else "false"
+    if isinstance(turn, (int, float)):
+        counts["turns_number"] += 1
+        return str(turn)
+    counts["turns_nested"] += 1
+    return json.dumps(turn, ensure_ascii=False)
+
+
+def _join_turns(values: list[str], ids: list[str], column: str, source: str,
+                counts: Counter[str]) -> list[str]:
+    """Parse LMSYS JSON lists of turns and join them turn by turn (see :func:`_turn_text`)."""
     out = []
     for row_id, value in zip(ids, values):
         if value.strip() == "":
@@ -438,7 +482,7 @@ def _join_turns(values: list[str], ids: list[str], column: str, source: str) -> 
                 f"{source}: id {row_id}: '{column}' must be a JSON list of turns, "
                 f"got {type(turns).__name__}"
             )
-        out.append("\n\n".join("" if t is None else str(t) for t in turns))
+        out.append("\n\n".join(_turn_text(t, counts) for t in turns))
     return out
 
 

@@ -140,11 +140,10 @@ def test_length_grouped_batches_cover_every_row_once_and_reduce_padding():
     assert list(grouped) != batches
 
 
-def test_dropout_override_reaches_backbone_and_head(tiny_model):
+def test_dropout_override_reaches_hidden_states_and_head(tiny_model):
     model = load_classifier(tiny_model, ["a", "b"], multilabel=False, dropout=0.3)
-    assert model.config.hidden_dropout_prob == 0.3
-    assert model.config.attention_probs_dropout_prob == 0.3
-    assert model.config.pooler_dropout == 0.3
+    assert model.config.hidden_dropout_prob == 0.3 and model.dropout.p == 0.3
+    assert model.config.attention_probs_dropout_prob == 0.1  # the checkpoint's (own key)
     assert model.config.problem_type == "single_label_classification"
 
 
@@ -290,8 +289,9 @@ def test_shipped_recipes_validate_once_data_paths_exist(make_config, name):
     kind = "pairwise" if name == "lmsys.toml" else "multilabel"
     local, _ = make_config(kind, n_train=30, n_test=6)
     raw = tomllib.loads((Path(__file__).parents[1] / "configs" / name).read_text())
-    assert all(str(p).startswith("/kaggle/input/") for p in raw["data"].values())
-    raw["data"] = {k: str(getattr(local.data, k)) for k in ("train", "test", "sample_submission")}
+    paths = ("train", "test", "sample_submission")
+    assert all(raw["data"][k].startswith("/kaggle/input/") for k in paths)
+    raw["data"].update({k: str(getattr(local.data, k)) for k in paths})
     cfg = config_from_dict(raw)
     assert cfg.task.kind == kind and cfg.embed.model == "intfloat/e5-small-v2"
     assert stage.model_folder_name(cfg.finetune) in {"deberta_v3_small", "mdeberta_v3_base"}

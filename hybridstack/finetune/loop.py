@@ -22,9 +22,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, get_scheduler
+from transformers import get_scheduler
 
 from hybridstack.config import FinetuneConfig
+from hybridstack.errors import HybridstackError
 from hybridstack.finetune.checkpoint import FoldCheckpoints, TrainState
 from hybridstack.finetune.data import (
     Collator,
@@ -36,6 +37,7 @@ from hybridstack.finetune.model import (
     LossFn,
     class_weights,
     load_classifier,
+    load_trained,
     make_loss,
     optimizer_groups,
     probabilities,
@@ -85,7 +87,8 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
     started = time.perf_counter()
     multilabel = task.kind == "multilabel"
     set_seed(cfg.seed + fold)  # head init and dropout; resume overwrites RNG from last/
-    model = load_classifier(model_path, task.label_names, multilabel, cfg.dropout)
+    model = load_classifier(model_path, task.label_names, multilabel, cfg.dropout,
+                            attention_dropout=cfg.attention_dropout)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -110,8 +113,18 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
         # pass, which restarts at 0 after a resume: set both to the true epoch
         loader.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
-        stats = train_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
-                            cfg.max_grad_norm, desc=f"fold {fold} epoch {state.epoch + 1}/{cfg.epochs}")
+        try:
+            stats = train_epoch(accelerator, model, loader, optimizer, scheduler, loss_fn,
+                                cfg.max_grad_norm,
+                                desc=f"fold {fold} epoch {state.epoch + 1}/{cfg.epochs}")
+        except NonFiniteLoss as err:
+            # the weights may already be damaged: this fold restarts on the re-run
+            checkpoints.clear_last()
+            raise HybridstackError(
+                f"fold {fold}: the training loss became {err.value} at epoch {state.epoch + 1}, "
+                f"step {err.step} ({accelerator.mixed_precision} precision); re-run with "
+                "--set finetune.mixed_precision=no or a lower finetune.lr (finished folds are kept, "
+                "this fold restarts)") from None
         valid_pred = predict_views(accelerator, model, inputs.valid_views, inputs.permutation,
                                    tokenizer, cfg.eval_batch_size, multilabel)
         score = task.score(inputs.Y_valid, valid_pred)
@@ -121,8 +134,7 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
             checkpoints.save_best(model, tokenizer)
         checkpoints.save_last(state)
 
-    best = AutoModelForSequenceClassification.from_pretrained(str(checkpoints.best_dir))
-    best = best.to(accelerator.device)
+    best = load_trained(checkpoints.best_dir).to(accelerator.device)
     valid_pred = predict_views(accelerator, best, inputs.valid_views, inputs.permutation,
                                tokenizer, cfg.eval_batch_size, multilabel)
     test_pred = None
@@ -159,6 +171,29 @@ def log_epoch(fold: int, state: TrainState, stats: EpochStats, metric_name: str,
                  fold, state.bad_epochs, state.best_epoch)
 
 
+class NonFiniteLoss(Exception):
+    """The loss of some process was NaN or infinite (raised on every process together)."""
+
+    def __init__(self, value: str, step: int):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.value, self.step = value, step
+
+
+def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
+    """Raise :class:`NonFiniteLoss` on every process when any process's loss is not finite.
+
+    The flag is summed over processes (one scalar all-reduce per step), so all ranks stop
+    together instead of the healthy ones hanging in the next gradient all-reduce. This is
+    the forward loss; the inf gradients of fp16 overflow are GradScaler's to skip.
+    """
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        value = str(loss.item()) if not torch.isfinite(loss) else "non-finite on another process"
+        raise NonFiniteLoss(value, step)
+
+
 def train_epoch(accelerator: Accelerator, model, loader, optimizer, scheduler, loss_fn: LossFn,
                 max_grad_norm: float, desc: str = "train") -> EpochStats:
     """One pass over ``loader`` with gradient accumulation and clipping."""
@@ -166,10 +201,11 @@ def train_epoch(accelerator: Accelerator, model, loader, optimizer, scheduler, l
     loss_sum, n_seen = 0.0, 0
     started = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
-    for batch in bar:
+    for step, batch in enumerate(bar, start=1):
         with accelerator.accumulate(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = loss_fn(logits.float(), batch["labels"])
+            check_finite(accelerator, loss, step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)

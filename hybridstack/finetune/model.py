@@ -15,11 +15,15 @@ from hybridstack.errors import HybridstackError, one_line
 
 log = logging.getLogger(__name__)
 
-# Config attributes that hold a dropout rate in common encoders (BERT, DeBERTa-v2/v3,
-# RoBERTa, ELECTRA, DistilBERT); ``finetune.dropout`` overrides whichever exist.
-DROPOUT_ATTRS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
-                 "pooler_dropout", "cls_dropout", "dropout", "attention_dropout",
-                 "seq_classif_dropout")
+# Config attributes of common encoders (BERT, DeBERTa-v2/v3, RoBERTa, ELECTRA, DistilBERT).
+# ``finetune.dropout`` sets the hidden-state and classifier-head rates; attention dropout has
+# its own key (``finetune.attention_dropout``); anything else (e.g. DeBERTa's pooler_dropout)
+# keeps the checkpoint's value.
+HIDDEN_DROPOUT_ATTRS = ("hidden_dropout_prob", "dropout")  # DistilBERT calls it "dropout"
+CLASSIFIER_DROPOUT_ATTRS = ("classifier_dropout", "cls_dropout", "seq_classif_dropout")
+ATTENTION_DROPOUT_ATTRS = ("attention_probs_dropout_prob", "attention_dropout")
+# DeBERTa reads cls_dropout with getattr (absent from its config class): set it explicitly.
+_EXPLICIT_CLASSIFIER_ATTR = {"deberta-v2": "cls_dropout", "deberta": "cls_dropout"}
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,22 +45,55 @@ def load_tokenizer(path: Path, key: str = "finetune.model"):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # transformers raises many types for a broken/missing tokenizer
+        if (path / "spm.model").is_file() and "tiktoken" in str(err):
+            # transformers converts a sentencepiece-only tokenizer (DeBERTa-v3 on the Hub)
+            # with protobuf; without it the error misleadingly asks for tiktoken
+            raise HybridstackError(
+                f"{key}: {path} has only spm.model, and converting it needs protobuf; "
+                "pip install protobuf (it is a hybridstack dependency: reinstall hybridstack)"
+            ) from None
         raise HybridstackError(
             f"{key}: cannot load a tokenizer from {path} ({type(err).__name__}: "
             f"{one_line(str(err))[:200]}); save one there with tokenizer.save_pretrained"
         ) from None
 
 
+def set_dropout(config, dropout: float | None, attention_dropout: float | None) -> None:
+    """Override the hidden/classifier dropout and, separately, the attention dropout."""
+    groups = [(dropout, HIDDEN_DROPOUT_ATTRS + CLASSIFIER_DROPOUT_ATTRS),
+              (attention_dropout, ATTENTION_DROPOUT_ATTRS)]
+    for rate, attrs in groups:
+        if rate is None:
+            continue
+        for attr in attrs:
+            if hasattr(config, attr):
+                setattr(config, attr, rate)
+    explicit = _EXPLICIT_CLASSIFIER_ATTR.get(getattr(config, "model_type", ""))
+    if dropout is not None and explicit:
+        setattr(config, explicit, dropout)
+
+
+def load_trained(path: Path):
+    """A fine-tuned classifier folder (``best/``) in float32, whatever dtype it was stored in."""
+    return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+
+
 def load_classifier(path: Path, label_names: list[str], multilabel: bool,
-                    dropout: float | None = None, key: str = "finetune.model"):
+                    dropout: float | None = None, key: str = "finetune.model",
+                    attention_dropout: float | None = None):
     """AutoModelForSequenceClassification from ``path`` with a fresh head of C outputs.
+
+    The weights are loaded in float32 whatever their stored dtype: the Hub's DeBERTa-v3
+    checkpoints are float16, and fp16 master weights break mixed-precision training
+    ("Attempting to unscale FP16 gradients"); autocast does the half-precision compute.
 
     Parameters
     ----------
     path : folder written by ``save_pretrained``.
     label_names : the C output columns (become id2label).
     multilabel : sigmoid/BCE problem type instead of softmax/cross-entropy.
-    dropout : when given, replaces every dropout rate of the backbone and head.
+    dropout : when given, the hidden-state and classifier-head dropout rate.
+    attention_dropout : when given, the attention-probability dropout rate.
     """
     try:
         config = AutoConfig.from_pretrained(
@@ -65,13 +102,10 @@ def load_classifier(path: Path, label_names: list[str], multilabel: bool,
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
-        if dropout is not None:
-            for attr in DROPOUT_ATTRS:
-                if hasattr(config, attr):
-                    setattr(config, attr, dropout)
+        set_dropout(config, dropout, attention_dropout)
         # a head fine-tuned for another label count is replaced, not an error
         return AutoModelForSequenceClassification.from_pretrained(
-            str(path), config=config, ignore_mismatched_sizes=True)
+            str(path), config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise HybridstackError(
             f"{key}: cannot load a sequence-classification model from {path} "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hybridstack.errors import HybridstackError, one_line
 from hybridstack.predict.source import open_run
 from hybridstack.runs import atomic_path
-from hybridstack.tables import guess_delimiter
+from hybridstack.tables import guess_delimiter, open_text, read_first_line
 from hybridstack.tasks import Task
 
 if TYPE_CHECKING:
@@ -157,15 +157,13 @@ def _format_entry(entry: dict[str, Any]) -> str:
 def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """Chunks of ``chunk_rows`` rows, every cell a str (missing cells ""), like read_table."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            first_line = fh.readline()
+        first_line = read_first_line(path)
     except OSError as err:
         raise HybridstackError(f"--input: cannot read {path}: {err.strerror}") from None
     try:
-        reader = pd.read_csv(path, sep=guess_delimiter(path, first_line), dtype=str,
-                             keep_default_na=False, chunksize=chunk_rows,
-                             encoding="utf-8-sig", encoding_errors="replace")
-        with reader:
+        with open_text(path) as fh, pd.read_csv(fh, sep=guess_delimiter(path, first_line),
+                                                dtype=str, keep_default_na=False,
+                                                chunksize=chunk_rows) as reader:
             yield from reader
     except pd.errors.EmptyDataError:
         raise HybridstackError(f"--input: {path} is empty: it needs a header line and rows") from None

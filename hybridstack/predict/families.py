@@ -19,14 +19,13 @@ import joblib
 import numpy as np
 import scipy.sparse as sp
 from accelerate import Accelerator
-from transformers import AutoModelForSequenceClassification
 
 from hybridstack.errors import HybridstackError
 from hybridstack.features.embeddings import EmbeddingCache
 from hybridstack.features.tfidf import transform_rows
 from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import predict_views as predict_token_views
-from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
+from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
 from hybridstack.heads.base import predict_views
 from hybridstack.predict.source import RunContext
 from hybridstack.runs import ModelDir, read_json
@@ -220,8 +219,7 @@ class FinetuneModel:
         self.tokenizer = tokenizer
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(settings["mixed_precision"]))
-        self.models = [AutoModelForSequenceClassification.from_pretrained(str(d)).to(
-            self.accelerator.device) for d in best_dirs]
+        self.models = [load_trained(d).to(self.accelerator.device) for d in best_dirs]
         tta = settings["swap_tta"] and ctx.task.swap_fields is not None
         self.permutation = ctx.task.swap_permutation if tta else None
         self.batch_size = settings["eval_batch_size"]

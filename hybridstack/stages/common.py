@@ -78,13 +78,20 @@ def best_model(exp: Experiment) -> ModelDir | None:
 
 
 def write_submission(exp: Experiment, test_pred: np.ndarray, source: str) -> None:
-    """Validate and atomically write submission.csv in the sample's id and column order."""
+    """Validate and atomically write submission.csv in the sample's id and column order.
+
+    With the config's ``submission`` path (Kaggle reads /kaggle/working/submission.csv),
+    the same validated text is written there too.
+    """
     if exp.test is None:
         return
     sub = exp.task.submission_frame(exp.test.ids, test_pred, exp.sample)
     exp.task.validate_submission(sub, exp.sample, exp.test.ids)
-    write_text(exp.dir.submission_path, sub.to_csv(index=False))
-    print(f"submission ({source}) -> {exp.dir.submission_path}")
+    text = sub.to_csv(index=False)
+    targets = [exp.dir.submission_path, exp.cfg.submission]
+    for path in filter(None, targets):
+        write_text(path, text)
+    print(f"submission ({source}) -> {' and '.join(str(p) for p in filter(None, targets))}")
 
 
 def write_best_submission(exp: Experiment) -> None:

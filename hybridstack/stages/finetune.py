@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Settings that never change a fold's result: editing them reuses finished folds.
 _NOT_HASHED = {"enabled", "folds", "num_workers"}
+# Keys added after the first release: hashed only when they differ from their default, so a
+# run finished by an older hybridstack keeps its hash (and is not refitted) after an upgrade.
+_HASHED_WHEN_SET = {"attention_dropout": None}
 
 
 def model_folder_name(cfg: FinetuneConfig) -> str:
@@ -51,9 +54,23 @@ def model_folder_name(cfg: FinetuneConfig) -> str:
     return re.sub(r"[^0-9a-z]+", "_", leaf.lower()).strip("_") or "finetune"
 
 
-def fold_config_hash(exp: Experiment) -> str:
-    """What a finished fold and a resume checkpoint depend on: the data and the training settings."""
+def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
+                     with_precision: bool = True) -> str:
+    """What a finished model depends on: the data, the training settings and the process count.
+
+    ``num_processes`` changes the global batch (batch_size is per device), so it is part of
+    the hash. ``with_precision=False`` gives the hash of a finished fold's predictions: a fold
+    that diverged in fp16 may be re-run with ``mixed_precision = "no"`` while the folds that
+    finished keep their results.
+    """
     settings = exp.cfg.finetune.model_dump(mode="json", exclude=_NOT_HASHED)
+    for key, default in _HASHED_WHEN_SET.items():
+        if settings.get(key) == default:
+            settings.pop(key)
+    if num_processes > 1:
+        settings["num_processes"] = num_processes
+    if not with_precision:
+        settings.pop("mixed_precision")
     blob = exp.fingerprint + json.dumps(settings, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -66,9 +83,10 @@ def run(cfg: Config) -> None:
                               gradient_accumulation_steps=ft.grad_accum)
     exp = _open_experiment_main_first(cfg, accelerator)
     model_dir = exp.dir.model(model_folder_name(ft))
-    fold_hash = fold_config_hash(exp)
+    n_procs = accelerator.num_processes
+    fold_hash = fold_config_hash(exp, n_procs, with_precision=False)
     run_folds = _folds_to_run(ft, exp.n_splits)
-    done_hash = f"{fold_hash}-folds{'_'.join(map(str, run_folds))}"
+    done_hash = f"{fold_config_hash(exp, n_procs)}-folds{'_'.join(map(str, run_folds))}"
     already_done = model_dir.is_done(done_hash)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and skip_if_done(model_dir, done_hash):
@@ -145,8 +163,13 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
 
 def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, model_path,
                 tokenizer, views: dict, run_folds: list[int], fold_hash: str) -> OOFResult:
-    """Train (or load) each fold; OOF rows of untrained folds stay NaN."""
+    """Train (or load) each fold; OOF rows of untrained folds stay NaN.
+
+    Finished folds are keyed by ``fold_hash`` (precision aside); a resume checkpoint also
+    by the precision, since its grad-scaler state belongs to it.
+    """
     store = FoldStore(model_dir.path, fold_hash)
+    resume_hash = fold_config_hash(exp, accelerator.num_processes)
     oof = np.full(exp.train.Y.shape, np.nan, dtype=np.float32)
     test_sum, fold_scores, fold_info, seconds = None, {}, {}, 0.0
     for k in run_folds:
@@ -158,10 +181,10 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
         else:
             inputs = fold_inputs(exp, views, k)
             outcome = train_fold(accelerator, exp.cfg.finetune, exp.task, model_path, tokenizer,
-                                 inputs, model_dir.fold_dir(k), fold_hash, k)
+                                 inputs, model_dir.fold_dir(k), resume_hash, k)
             if accelerator.is_main_process:
                 save_fold_predictions(store, k, outcome)
-            FoldCheckpoints(accelerator, model_dir.fold_dir(k), fold_hash).clear_last()
+            FoldCheckpoints(accelerator, model_dir.fold_dir(k), resume_hash).clear_last()
         oof[valid_rows] = outcome.valid_pred
         if outcome.test_pred is not None:
             test_sum = outcome.test_pred.astype(np.float64) + (0 if test_sum is None else test_sum)
