@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-all test-slow lint bench
+.PHONY: install demo test test-all test-slow lint bench kaggle-rehearsal
 
 install:  ## torch first (the CPU build 2.13.0), then the package pinned by constraints.txt
 	$(PIP) install torch==2.13.0
@@ -25,6 +25,9 @@ lint:
 
 bench:
 	$(PYTHON) bench/run_all.py
+
+kaggle-rehearsal:  ## slow (~10 min): the README's Kaggle notebook on a CPU under a fake /kaggle; CI runs it
+	$(PYTHON) scripts/kaggle_rehearsal.py
 
 # Offline wheelhouse for Kaggle (torch comes with the image and is left out):
 #   make wheels [PYTHON_VERSION=3.12] [EXTRAS=demo] [WHEELHOUSE=dist/wheelhouse-py312]

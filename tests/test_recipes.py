@@ -110,3 +110,24 @@ def test_submission_is_copied_where_the_config_says(make_config):
     own = cfg.run_dir / "submission.csv"
     assert copy.read_bytes() == own.read_bytes()
     assert len(pd.read_csv(copy)) == 15
+
+
+def _rehearsal():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kaggle_rehearsal.py"
+    spec = importlib.util.spec_from_file_location("kaggle_rehearsal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rehearsal_runs_the_readme_block_with_the_documented_overrides(tmp_path):
+    rehearsal = _rehearsal()
+    script = rehearsal.notebook_block(tmp_path / "kaggle")
+    assert "/kaggle/" not in script.replace(str(tmp_path / "kaggle"), "")
+    run_lines = [line for line in script.splitlines() if line.startswith("hybridstack run ")]
+    assert run_lines and all(line.endswith(" ".join(rehearsal.CPU_OVERRIDES)) for line in run_lines)
+    assert any("--recipe lmsys" in line for line in script.splitlines())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"`{' '.join(rehearsal.CPU_OVERRIDES)}`" in readme  # documented next to the block
