@@ -2,8 +2,13 @@
 
     hybridstack cache info  [--workdir DIR | --cache-dir DIR]
     hybridstack cache prune [--model SUBSTR | --all] [--dry-run] [--workdir DIR | --cache-dir DIR]
+    hybridstack cache prune --for-inference WORKDIR [--dry-run]
 
 Without ``--model`` or ``--all``, ``prune`` removes only the leftovers of killed runs.
+``--for-inference`` shrinks a training notebook's output to what ``hybridstack predict``
+reads (Kaggle caps a notebook's output at 20 GB): it removes the feature matrices
+(``cache/features``, rebuilt by any later training run) and the fine-tune resume state of
+unfinished folds (``fold_<k>/last/``; finished folds drop theirs already).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from hybridstack.errors import HybridstackError
 from hybridstack.features.embeddings import CacheFolder, scan_cache, stray_files
 
 MB = 1024 * 1024
@@ -53,7 +59,41 @@ def _info_row(folder: CacheFolder) -> tuple[str, ...]:
     )
 
 
+def tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def training_only_paths(workdir: Path) -> list[Path]:
+    """What a finished workdir holds that predicting never reads."""
+    doomed = [workdir / "cache" / "features"]
+    doomed += sorted((workdir / "runs").glob("*/models/*/fold_*/last"))
+    doomed += sorted((workdir / "runs").glob("*/models/*/fold_*/.last.*"))  # killed mid-write
+    return [p for p in doomed if p.exists()]
+
+
+def prune_for_inference(workdir: Path, dry_run: bool) -> None:
+    if not (workdir / "runs").is_dir():
+        raise HybridstackError(f"--for-inference {workdir}: no runs/ folder there; give the "
+                               "workdir of a training run (e.g. /kaggle/working)")
+    verb = "would remove" if dry_run else "removed"
+    before = tree_bytes(workdir)
+    freed = 0
+    for path in training_only_paths(workdir):
+        size = tree_bytes(path)
+        freed += size
+        print(f"{verb} {path} ({size / MB:.1f} MB)")
+        if not dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print(f"{verb} {freed / MB:.1f} MB; kept for inference: {(before - freed) / MB:.1f} MB "
+          f"(of {before / MB:.1f} MB in {workdir})")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
+    if args.for_inference:
+        prune_for_inference(Path(args.for_inference), args.dry_run)
+        return
     root = cache_root(args)
     folders = scan_cache(root)
     verb = "would remove" if args.dry_run else "removed"
@@ -98,5 +138,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--model", metavar="SUBSTR",
                        help="remove folders whose model name, path or key contains SUBSTR")
     which.add_argument("--all", action="store_true", help="remove every cache folder")
+    which.add_argument("--for-inference", metavar="WORKDIR",
+                       help="keep only what `hybridstack predict` reads: drop feature matrices "
+                            "and fine-tune resume state under WORKDIR")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     prune.set_defaults(func=cmd_prune)

@@ -261,14 +261,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(raw, base_dir=path.parent.resolve(), source=str(path))
 
 
-def config_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), source: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), source: str = "config",
+                     check_files: bool = True) -> Config:
+    """Validate ``raw``; ``check_files=False`` when the data files may be gone (predict)."""
     raw = json.loads(json.dumps(raw, default=str))  # deep copy; never mutate the caller's dict
     _resolve_paths(raw, base_dir)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise HybridstackError(f"{source}: {_describe(err)}") from None
-    _check_files(cfg)
+    if check_files:
+        _check_files(cfg)
     return cfg
 
 

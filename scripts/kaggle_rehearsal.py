@@ -1,4 +1,4 @@
-"""Rehearse the Kaggle training notebook on a CPU: ``make kaggle-rehearsal``.
+"""Rehearse the Kaggle training and inference notebooks on a CPU: ``make kaggle-rehearsal``.
 
 Under a temporary root that stands in for ``/kaggle`` it lays out what a Kaggle session
 attaches (read-only inputs):
@@ -16,6 +16,15 @@ on every ``hybridstack run`` line, the CPU and size overrides below (documented 
 It asserts: the install used no package index; ``working/submission.csv`` is valid and equals
 ``runs/lmsys/submission.csv``; the fine-tuned ``best/`` is float32; the odd turns were
 counted, not fatal; and not one byte under ``input/`` changed.
+
+Then the inference notebook, as a code competition reruns it: the training output moved
+to ``input/lmsys-training-output``, train.csv removed, the test replaced by a hidden one (a
+shuffled, different row set with its own sample submission), the whole input root
+bind-mounted read-only (a failed mount fails the rehearsal when ``CI=true``, else that step
+is skipped with a message), a second fresh venv, and the README's inference block. It asserts
+the hidden submission's columns and order, that its rows shared with the training test equal
+the training submission's, that predicting the training test again reproduces it, and that
+the attached folders stay byte-identical.
 """
 
 from __future__ import annotations
@@ -37,8 +46,12 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "llmeval2-pairwise"
 COMPETITION = "llm-classification-finetuning"
-BLOCK = re.compile(r"<!-- kaggle-training:begin -->\s*```bash\n(.*?)```\s*<!-- kaggle-training:end -->",
-                   re.DOTALL)
+TRAINING_OUTPUT = "lmsys-training-output"  # the training notebook's output, attached
+
+
+def block_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- kaggle-{name}:begin -->\s*```bash\n(.*?)```\s*<!-- kaggle-{name}:end -->",
+                      re.DOTALL)
 # What the rehearsal adds to each `hybridstack run` line: CPU processes, and sizes that let
 # 2 CPU cores finish in minutes (the README lists them next to the block).
 CPU_OVERRIDES = [
@@ -51,6 +64,7 @@ CPU_OVERRIDES = [
     "--set", "finetune.eval_batch_size=32",
 ]
 DEAD_INDEX = "http://127.0.0.1:9/simple"  # any index access fails at once
+AGREEMENT_ATOL = 1e-6  # CPU, float32: predict reproduces the training run's submission
 LONE_SURROGATE_TURN = '["a question \\ud83d with half an emoji"]'  # JSON text, as the CSV holds it
 
 
@@ -119,15 +133,17 @@ def build_wheelhouse(target: Path) -> None:
 # -- the notebook ------------------------------------------------------------------------------
 
 
-def notebook_block(kaggle: Path) -> str:
-    """The README's training block with /kaggle under the fake root and the CPU overrides."""
-    match = BLOCK.search((REPO / "README.md").read_text(encoding="utf-8"))
+def notebook_block(kaggle: Path, name: str = "training") -> str:
+    """A README notebook block with /kaggle under the fake root and the CPU overrides."""
+    match = block_pattern(name).search((REPO / "README.md").read_text(encoding="utf-8"))
     if match is None:
-        raise SystemExit("[rehearsal] README.md has no kaggle-training block")
+        raise SystemExit(f"[rehearsal] README.md has no kaggle-{name} block")
     lines = []
     for line in match.group(1).replace("/kaggle/", f"{kaggle}/").splitlines():
         if line.strip().startswith("hybridstack run "):
             line += " " + " ".join(CPU_OVERRIDES)
+        elif line.strip().startswith("hybridstack predict ") and "--num-processes" in line:
+            line += " --cpu"  # CPU processes instead of GPUs
         lines.append(line)
     return "set -euo pipefail\n" + "\n".join(lines) + "\n"
 
@@ -147,6 +163,96 @@ def offline_env(venv: Path, kaggle: Path) -> dict[str, str]:
         HYBRIDSTACK_INPUT_ROOT=str(kaggle / "input"),
     )
     return env
+
+
+# -- the inference notebook --------------------------------------------------------------------
+
+
+def attach_training_output(kaggle: Path, n_test: int) -> dict[str, Path]:
+    """The rerun's inputs: training output attached, train.csv gone, a hidden test.
+
+    The hidden test holds the second half of the training test's rows and as many rows it
+    never had (one with a lone-surrogate turn), shuffled; the training test is kept aside.
+    """
+    comp = kaggle / "input" / COMPETITION
+    aside = kaggle.parent / "training-test"
+    aside.mkdir()
+    for name in ("test.csv", "sample_submission.csv"):
+        shutil.move(comp / name, aside / name)
+    (comp / "train.csv").unlink()
+    shutil.move(kaggle / "working", kaggle / "input" / TRAINING_OUTPUT)
+    (kaggle / "working").mkdir()
+    full = pd.read_csv(DATA / "test.csv", dtype=str, keep_default_na=False)
+    hidden = full.iloc[n_test // 2: n_test + n_test // 2].sample(frac=1.0, random_state=0)
+    hidden = hidden.reset_index(drop=True)
+    new_row = hidden.index[~hidden["id"].isin(full["id"].head(n_test))][0]
+    hidden.loc[new_row, "prompt"] = LONE_SURROGATE_TURN
+    hidden[["id", "prompt", "response_a", "response_b"]].to_csv(comp / "test.csv", index=False)
+    sample = pd.DataFrame({"id": hidden["id"], "winner_model_a": 1 / 3,
+                           "winner_model_b": 1 / 3, "winner_tie": 1 / 3})
+    sample.to_csv(comp / "sample_submission.csv", index=False)
+    return {"aside": aside, "hidden_ids": hidden["id"]}
+
+
+class ReadOnly:
+    """``mount --bind`` a folder onto itself read-only (root only); undone on exit."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.mounted = folder, False
+
+    def __enter__(self) -> ReadOnly:
+        commands = [["mount", "--bind", str(self.folder), str(self.folder)],
+                    ["mount", "-o", "remount,bind,ro", str(self.folder)]]
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                self.__exit__()
+                message = f"read-only bind mount failed ({done.stderr.strip() or done.returncode})"
+                if os.environ.get("CI") == "true":
+                    raise SystemExit(f"[rehearsal] FAILED: {message}")
+                log(f"{message}: skipping the read-only mount, the byte check still runs")
+                return self
+            self.mounted = True
+        probe = self.folder / ".write-probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            log(f"{self.folder} is mounted read-only")
+        else:
+            probe.unlink()
+            raise SystemExit("[rehearsal] FAILED: the read-only mount accepted a write")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.folder)], check=False)
+            self.mounted = False
+
+
+def check_inference(kaggle: Path, attached: dict, venv: Path, env: dict[str, str]) -> dict:
+    """The hidden submission's shape and agreement with the training run's submission."""
+    sub = pd.read_csv(kaggle / "working" / "submission.csv", dtype={"id": str})
+    sample = pd.read_csv(kaggle / "input" / COMPETITION / "sample_submission.csv", dtype={"id": str})
+    assert list(sub.columns) == list(sample.columns), "extra or missing submission columns"
+    assert sub["id"].tolist() == attached["hidden_ids"].tolist(), "not in the input's order"
+    labels = [c for c in sub.columns if c != "id"]
+    trained = pd.read_csv(kaggle / "input" / TRAINING_OUTPUT / "runs" / "lmsys" / "submission.csv",
+                          dtype={"id": str}).set_index("id")
+    shared = sub[sub["id"].isin(trained.index)].set_index("id")
+    # the lone-surrogate row was rewritten, so it is not one of the shared rows
+    shared_diff = float(abs(shared[labels] - trained.loc[shared.index, labels]).to_numpy().max())
+    assert shared_diff <= AGREEMENT_ATOL, f"shared rows differ by {shared_diff}"
+    again = kaggle / "working" / "training-test-again.csv"
+    run([str(venv / "bin" / "hybridstack"), "predict",
+         str(kaggle / "input" / TRAINING_OUTPUT / "runs" / "lmsys"),
+         "--input", str(attached["aside"] / "test.csv"), "--submission", str(again),
+         "--sample", str(attached["aside"] / "sample_submission.csv")],
+        cwd=kaggle / "working", env=env)
+    repeat = pd.read_csv(again, dtype={"id": str}).set_index("id").loc[trained.index]
+    full_diff = float(abs(repeat[labels] - trained[labels]).to_numpy().max())
+    assert full_diff <= AGREEMENT_ATOL, f"the training test re-scored differs by {full_diff}"
+    return {"hidden_rows": len(sub), "shared_rows": len(shared),
+            "shared_max_abs_diff": shared_diff, "training_test_max_abs_diff": full_diff}
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -223,9 +329,26 @@ def main(argv: list[str] | None = None) -> int:
         (scratch / "notebook.log").write_text(output)
         assert tree_digest(kaggle / "input") == before, "something wrote under the input root"
         checks = check_outputs(kaggle, output)
+        log("training notebook checked; now the inference notebook")
+
+        t = time.perf_counter()
+        attached = attach_training_output(kaggle, args.rows // 4)
+        venv2 = scratch / "venv-inference"  # a new Kaggle session: nothing installed yet
+        make_venv(venv2)
+        before = tree_digest(kaggle / "input")
+        env = offline_env(venv2, kaggle)
+        script = notebook_block(kaggle, "inference")
+        log("inference block:\n" + script)
+        with ReadOnly(kaggle / "input") as mount:
+            result = run(script, cwd=kaggle / "working", env=env)
+            (scratch / "inference.log").write_text(result.stdout + result.stderr)
+            inference = check_inference(kaggle, attached, venv2, env)
+            inference["read_only_mount"] = mount.mounted
+        assert tree_digest(kaggle / "input") == before, "the inference notebook wrote under the input root"
+        timings["inference"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
         report = {"rows": args.rows, "seconds": {k: round(v, 1) for k, v in timings.items()},
-                  "checks": checks}
+                  "checks": checks, "inference": inference}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         log(json.dumps(report))

@@ -131,3 +131,7 @@ def test_rehearsal_runs_the_readme_block_with_the_documented_overrides(tmp_path)
     assert any("--recipe lmsys" in line for line in script.splitlines())
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert f"`{' '.join(rehearsal.CPU_OVERRIDES)}`" in readme  # documented next to the block
+    inference = rehearsal.notebook_block(tmp_path / "kaggle", "inference").splitlines()
+    predict = [line for line in inference if line.startswith("hybridstack predict ")]
+    assert len(predict) == 1 and "--submission" in predict[0] and predict[0].endswith("--cpu")
+    assert f"{tmp_path / 'kaggle'}/input/{rehearsal.TRAINING_OUTPUT}/runs/lmsys" in predict[0]

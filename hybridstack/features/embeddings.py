@@ -233,6 +233,9 @@ class EmbeddingCache:
         Torch device for encoding; None lets sentence-transformers choose.
     shard_rows : int
         Texts encoded and written per shard.
+    read_only_roots : sequence of Path
+        Caches read but never written (an attached Kaggle dataset): texts found there are
+        not encoded again; new ones go to ``cache_root``.
 
     Attributes
     ----------
@@ -252,6 +255,7 @@ class EmbeddingCache:
         batch_size: int = 64,
         device: str | None = None,
         shard_rows: int = DEFAULT_SHARD_ROWS,
+        read_only_roots: Sequence[str | Path] = (),
     ) -> None:
         if dtype not in ("float16", "float32"):
             raise HybridstackError(f"embed.dtype: {dtype!r} is not supported; use float16 or float32")
@@ -266,6 +270,7 @@ class EmbeddingCache:
         self.batch_size = batch_size
         self.device = device
         self.shard_rows = shard_rows
+        self.read_only_roots = [Path(r) for r in read_only_roots if Path(r) != self.cache_root]
         self.last_stats: dict[str, Any] = {}
         self._key: str | None = None
         self._model_sha256: str | None = None
@@ -310,15 +315,20 @@ class EmbeddingCache:
     def shard_dir(self) -> Path:
         return self.folder / SHARDS_DIR
 
+    def _shard_dirs(self) -> list[Path]:
+        """Where shards are read from: the writable cache first, then the read-only layers."""
+        return [self.shard_dir, *(root / self.key / SHARDS_DIR for root in self.read_only_roots)]
+
     @property
     def dim(self) -> int:
-        """Embedding width; read from the manifest when the cache exists, else from the model."""
-        manifest = self.folder / MANIFEST_FILE
-        if manifest.is_file():
-            try:
-                return int(read_json(manifest)["dim"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # a damaged manifest is rewritten on the next encode; ask the model
+        """Embedding width; read from a manifest when the cache exists, else from the model."""
+        for shard_dir in self._shard_dirs():
+            manifest = shard_dir.parent / MANIFEST_FILE
+            if manifest.is_file():
+                try:
+                    return int(read_json(manifest)["dim"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass  # a damaged manifest is rewritten on the next encode; ask the model
         return _embedding_dim(self._encoder())
 
     # -- encoding --------------------------------------------------------------------------
@@ -431,15 +441,19 @@ class EmbeddingCache:
                 return location
 
     def _refresh_shards(self) -> None:
-        """Index records that appeared since the last call (other processes may append)."""
-        if not self.shard_dir.is_dir():
-            return
-        on_disk = {p.name for p in self.shard_dir.glob("*.json")}
-        for name in sorted(on_disk - self._shards.keys()):
+        """Index records that appeared since the last call (other processes may append).
+
+        Record names are unique (time, pid, random part), so the layers share one index.
+        """
+        on_disk: dict[str, Path] = {}
+        for shard_dir in reversed(self._shard_dirs()):  # the writable layer wins a tie
+            if shard_dir.is_dir():
+                on_disk.update((p.name, p) for p in shard_dir.glob("*.json"))
+        for name in sorted(on_disk.keys() - self._shards.keys()):
             try:
-                self._add_shard(Shard.read(self.shard_dir / name))
+                self._add_shard(Shard.read(on_disk[name]))
             except CorruptShard as err:
-                self._discard(self.shard_dir / name, str(err))
+                self._discard(on_disk[name], str(err))
         gone = self._shards.keys() - on_disk  # pruned meanwhile
         if gone:
             self._drop_shards(gone)

@@ -18,11 +18,15 @@ neighbours, the top similarity and the mean similarity. Computed without leakage
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 from sklearn.base import BaseEstimator, clone
+
+from hybridstack.runs import write_with
 
 IndexKind = Literal["flat", "ivf"]
 _WEIGHT_FLOOR = 1e-6  # keeps weights positive when every similarity is <= 0
@@ -216,3 +220,52 @@ class KNNFeatureHead(BaseEstimator):
         if "index_" in state:
             state = {**state, "index_": faiss.deserialize_index(state["index_"])}
         super().__setstate__(state)
+
+
+# -- exclusion groups of rows scored after training ------------------------------------------
+
+GROUP_MAP_FILE = "knn_groups.npz"
+UNSEEN_GROUP = -1  # a group no pool row has: such a row may see every pool row
+
+
+def key_hashes(keys: Any) -> np.ndarray:
+    """(n,) uint64 hash of each group key (a prompt or a text), stable across processes."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(k).encode("utf-8", "surrogatepass"),
+                                        digest_size=8).digest(), "little") for k in keys),
+        dtype=np.uint64, count=len(keys))
+
+
+class GroupMap:
+    """The training rows' exclusion groups by key, saved with the model (no train.csv later).
+
+    A new row whose key (pairwise: its prompt; else its text) equals a training row's gets
+    that row's group, so, exactly as the test rows at training time, it never has that
+    row as a neighbour; any other row gets :data:`UNSEEN_GROUP`.
+    """
+
+    def __init__(self, hashes: np.ndarray, groups: np.ndarray):
+        # one entry per key (rows of one key share their group): sorted for searchsorted
+        self.hashes, first = np.unique(np.asarray(hashes, dtype=np.uint64), return_index=True)
+        self.groups = np.asarray(groups, dtype=np.int64)[first]
+
+    @classmethod
+    def from_keys(cls, keys: Any, groups: np.ndarray) -> GroupMap:
+        return cls(key_hashes(keys), groups)
+
+    def lookup(self, keys: Any) -> np.ndarray:
+        """(n,) float32 group per key (the dtype of the feature matrix's group column)."""
+        wanted = key_hashes(keys)
+        if len(self.hashes) == 0:
+            return np.full(len(wanted), UNSEEN_GROUP, dtype=np.float32)
+        pos = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
+        found = self.hashes[pos] == wanted
+        return np.where(found, self.groups[pos], UNSEEN_GROUP).astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        write_with(path, lambda fh: np.savez(fh, hashes=self.hashes, groups=self.groups))
+
+    @classmethod
+    def load(cls, path: Path) -> GroupMap:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["hashes"], data["groups"])

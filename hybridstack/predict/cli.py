@@ -1,30 +1,33 @@
 """``hybridstack predict``: score one text, one pair, or a CSV with a finished experiment.
 
-A batch is read in chunks (bounded memory on 10^5+ rows) and written to a temporary file
-that replaces ``--output`` only when every chunk succeeded.
+A batch (``--input``) is read in chunks (bounded memory on 10^5+ rows); ``--output`` gets
+probabilities and labels, ``--submission`` exactly the sample submission's columns (what a
+Kaggle code competition scores), both only when every row succeeded (predict/batch.py).
+The run folder and its workdir are only read: new embeddings go to ``--cache-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from tqdm.auto import tqdm
-
-from hybridstack.errors import HybridstackError, one_line
-from hybridstack.predict.source import open_run
-from hybridstack.runs import atomic_path
-from hybridstack.tables import guess_delimiter, open_text, read_first_line
+from hybridstack.errors import HybridstackError
+from hybridstack.predict.batch import (
+    DEFAULT_CHUNK_ROWS,
+    check_ids_match,
+    input_ids,
+    predict_file,
+    predict_file_in_processes,
+    read_sample,
+)
+from hybridstack.predict.source import DEFAULT_CACHE_DIR, open_run
 from hybridstack.tasks import Task
 
 if TYPE_CHECKING:
     from hybridstack.predict.predictor import Predictor
 
-DEFAULT_CHUNK_ROWS = 10_000  # ~10k rows of features and embeddings stay well under 1 GB
 
 
 def add_parser(subparsers: Any) -> None:
@@ -38,6 +41,18 @@ def add_parser(subparsers: Any) -> None:
                              "responses (each file's text is one turn)")
     source.add_argument("--input", help="CSV/TSV of rows in the task's column format (batch)")
     parser.add_argument("--output", help="with --input: CSV of id, probabilities and labels")
+    parser.add_argument("--submission",
+                        help="with --input: CSV with exactly the sample submission's columns, in "
+                             "the input's id order (e.g. /kaggle/working/submission.csv)")
+    parser.add_argument("--sample", help="with --submission: the sample submission (default: "
+                                         "the one in the run's config)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                        help="where embeddings of texts the run did not cache are written "
+                             f"(default ./{DEFAULT_CACHE_DIR}); the run's own cache is only read")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="with --input: split the rows over N processes, one GPU each")
+    parser.add_argument("--cpu", action="store_true",
+                        help="with --num-processes: CPU processes instead of GPUs")
     parser.add_argument("--explain", action="store_true",
                         help="with --text/--pair: n-grams, feature contributions, stack shares")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
@@ -50,15 +65,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     check_arguments(args)
     if args.input:
-        predictor = load(args.experiment_dir)
-        output = Path(args.output)
-        counts = predict_file(predictor, Path(args.input), output, args.chunk_rows)
-        print(f"predicted {counts['rows']} rows -> {output} "
-              f"({counts['empty_text']} with empty text, kept as empty text)")
+        predict_batch(args)
         return
     task = open_run(args.experiment_dir).task  # cheap: wrong-mode errors come before loading
     row = text_row(task, args.text) if args.text is not None else pair_row(task, args.pair)
-    predictor = load(args.experiment_dir)
+    predictor = load(args.experiment_dir, args.cache_dir)
     if args.explain:
         print(format_explanation(predictor, predictor.explain(row)[0]))
     else:
@@ -67,12 +78,56 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(format_prediction(predictor, probabilities))
 
 
+def predict_batch(args: argparse.Namespace) -> None:
+    """``--input`` to ``--output`` and/or ``--submission``, on one process or several."""
+    from hybridstack.predict.predictor import load
+
+    ctx = open_run(args.experiment_dir, args.cache_dir)
+    sample = None
+    if args.submission:
+        sample = read_sample(sample_path(args, ctx.cfg.data.sample_submission), ctx.task)
+        # before any model loads: a mismatch found after hours of scoring helps nobody
+        check_ids_match(ctx.task, input_ids(ctx.task, Path(args.input)), sample)
+    output = Path(args.output) if args.output else None
+    submission = Path(args.submission) if args.submission else None
+    if args.num_processes > 1:
+        result = predict_file_in_processes(ctx.dir.path, Path(args.input), output, submission,
+                                           sample, ctx.task, ctx.cache_dir, args.num_processes,
+                                           args.cpu, args.chunk_rows)
+    else:
+        result = predict_file(load(args.experiment_dir, args.cache_dir), Path(args.input),
+                              output, submission, sample, args.chunk_rows)
+    written = " and ".join(str(p) for p in (output, submission) if p is not None)
+    print(f"predicted {result.rows} rows -> {written} "
+          f"({result.empty_text} with empty text, kept as empty text)")
+
+
+def sample_path(args: argparse.Namespace, configured: Path | None) -> Path:
+    """``--sample``, else the sample submission named in the run's config; it must exist."""
+    path = Path(args.sample) if args.sample else configured
+    if path is None:
+        raise HybridstackError("--submission needs the sample submission: the run's config "
+                               "names none; pass --sample sample_submission.csv")
+    if not path.is_file():
+        hint = "pass the competition's sample with --sample" if not args.sample else "check the path"
+        raise HybridstackError(f"sample submission not found: {path}; {hint}")
+    return path
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse option combinations that cannot work, before any model is loaded."""
-    if args.input and not args.output:
-        raise HybridstackError("--input needs --output: the CSV to write predictions to")
-    if args.output and not args.input:
-        raise HybridstackError("--output goes with --input; --text/--pair print their result")
+    if args.input and not (args.output or args.submission):
+        raise HybridstackError("--input needs --output (probabilities and labels) and/or "
+                               "--submission (the sample submission's columns)")
+    if (args.output or args.submission) and not args.input:
+        raise HybridstackError("--output goes with --input (so does --submission); --text/--pair "
+                               "print their result")
+    if args.sample and not args.submission:
+        raise HybridstackError("--sample goes with --submission")
+    if args.num_processes < 1:
+        raise HybridstackError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and not args.input:
+        raise HybridstackError("--num-processes splits the rows of --input; one text needs one process")
     if args.input and not Path(args.input).is_file():
         raise HybridstackError(f"--input: file not found: {args.input}")
     if args.input and args.explain:
@@ -149,45 +204,3 @@ def _format_entry(entry: dict[str, Any]) -> str:
         kind = "" if entry["analyzer"] == "word" else f" ({entry['analyzer']})"
         return f"{where}{entry['ngram']!r}{kind} {entry['contribution']:+.2f}"
     return f"{entry['feature']} {entry['contribution']:+.2f}"
-
-
-# -- batches -----------------------------------------------------------------------------------
-
-
-def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Chunks of ``chunk_rows`` rows, every cell a str (missing cells ""), like read_table."""
-    try:
-        first_line = read_first_line(path)
-    except OSError as err:
-        raise HybridstackError(f"--input: cannot read {path}: {err.strerror}") from None
-    try:
-        with open_text(path) as fh, pd.read_csv(fh, sep=guess_delimiter(path, first_line),
-                                                dtype=str, keep_default_na=False,
-                                                chunksize=chunk_rows) as reader:
-            yield from reader
-    except pd.errors.EmptyDataError:
-        raise HybridstackError(f"--input: {path} is empty: it needs a header line and rows") from None
-    except (pd.errors.ParserError, ValueError) as err:
-        raise HybridstackError(f"--input: cannot parse {path} ({one_line(err)})") from None
-
-
-def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, int]:
-    """Predict every row of ``input_path`` chunk by chunk into ``output_path`` (atomic).
-
-    Returns
-    -------
-    {"rows": rows predicted, "empty_text": rows whose text was empty (kept, as in training)}.
-    """
-    counts = {"rows": 0, "empty_text": 0}
-    with (atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out,
-          tqdm(desc="predict", unit="rows") as bar):
-        for chunk in read_chunks(input_path, chunk_rows):
-            ds = predictor.parse(chunk, source=input_path.name, first_row=counts["rows"])
-            predictor.predict_frame(ds).to_csv(out, header=counts["rows"] == 0, index=False)
-            counts["rows"] += len(ds)
-            counts["empty_text"] += ds.stats["empty_text"]
-            bar.update(len(ds))
-        if counts["rows"] == 0:
-            raise HybridstackError(f"--input: {input_path} has a header but no rows")
-    return counts

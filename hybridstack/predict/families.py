@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from hybridstack.errors import HybridstackError
 from hybridstack.features.embeddings import EmbeddingCache
+from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap
 from hybridstack.features.tfidf import transform_rows
 from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import predict_views as predict_token_views
@@ -29,7 +30,7 @@ from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mix
 from hybridstack.heads.base import predict_views
 from hybridstack.predict.source import RunContext
 from hybridstack.runs import ModelDir, read_json
-from hybridstack.stages.embed import encode_fields, exclusion_groups, split_views
+from hybridstack.stages.embed import encode_fields, exclusion_groups, group_keys, split_views
 from hybridstack.tasks import Dataset
 
 
@@ -115,27 +116,39 @@ class EmbedInputs:
 class EmbedFeaturizer:
     """Cached sentence embeddings -> the embed stage's feature matrix for new rows.
 
-    Only texts missing from the shared embedding cache are encoded.
+    Only texts missing from the embedding cache (and its read-only layers) are encoded.
+    The kNN exclusion groups come from the model folder's ``knn_groups.npz``; a run made
+    before it existed rebuilds them from train.csv.
     """
 
-    def __init__(self, settings: dict[str, Any], ctx: RunContext, cache: EmbeddingCache):
+    def __init__(self, model: ModelDir, settings: dict[str, Any], ctx: RunContext,
+                 cache: EmbeddingCache):
         self.cache = cache
         self.ctx = ctx
         self.length_features = settings["embed"]["length_features"]
         self.knn = settings["embed"]["knn"]
         self.key = featurizer_key(cache.key, self.length_features, self.knn)
+        map_path = model.path / GROUP_MAP_FILE
+        self.group_map = GroupMap.load(map_path) if self.knn and map_path.is_file() else None
 
     def transform(self, ds: Dataset) -> EmbedInputs:
         task = self.ctx.task
         emb = encode_fields(self.cache, task, [ds])[0]
         X, X_swap, blocks, _ = split_views(task, ds, emb, self.length_features)
         if self.knn:
-            # numbered over [train, new] exactly as over [train, test] at training time
-            group = exclusion_groups(task, [self.ctx.train, ds])[1][:, None]
+            group = self._groups(ds)[:, None]
             X = np.hstack([X, group])
             X_swap = None if X_swap is None else np.hstack([X_swap, group])
             blocks = [*blocks, ("knn_group", 1)]
         return EmbedInputs(X, X_swap, blocks)
+
+
+    def _groups(self, ds: Dataset) -> np.ndarray:
+        """(n,) float32 kNN exclusion group of each new row (a train row's group, or unseen)."""
+        if self.group_map is not None:
+            return self.group_map.lookup(group_keys(self.ctx.task, ds))
+        # numbered over [train, new] exactly as over [train, test] at training time
+        return exclusion_groups(self.ctx.task, [self.ctx.train, ds])[1]
 
 
 def featurizer_key(encoder_key: str, length_features: bool, knn: bool) -> str:
@@ -143,14 +156,18 @@ def featurizer_key(encoder_key: str, length_features: bool, knn: bool) -> str:
 
 
 def embedding_cache(settings: dict[str, Any], ctx: RunContext) -> EmbeddingCache:
-    """The EmbeddingCache with the encoder settings the heads were trained with."""
+    """The EmbeddingCache with the encoder settings the heads were trained with.
+
+    The training run's cache (the workdir's, or the stage's explicit embed.cache_dir) is
+    only read; texts it lacks are encoded into ``ctx.cache_dir``.
+    """
     embed = settings["embed"]
-    # the workdir's shared cache, unless the stage ran with an explicit embed.cache_dir
-    root = (Path(embed["cache_dir"]) if embed.get("cache_dir")
-            else ctx.dir.path.parent.parent / "cache" / "embeddings")
-    return EmbeddingCache(root, embed["model"], max_seq_length=embed["max_seq_length"],
+    trained = (Path(embed["cache_dir"]) if embed.get("cache_dir")
+               else ctx.dir.path.parent.parent / "cache" / "embeddings")
+    return EmbeddingCache(ctx.cache_dir, embed["model"], max_seq_length=embed["max_seq_length"],
                           prefix=embed["prefix"], normalize=embed["normalize"],
-                          dtype=embed["dtype"], batch_size=embed["batch_size"])
+                          dtype=embed["dtype"], batch_size=embed["batch_size"],
+                          read_only_roots=[trained])
 
 
 class EmbedModel:
@@ -254,7 +271,8 @@ def load_base_models(ctx: RunContext, names: list[str]) -> list[TfidfModel | Emb
             key = featurizer_key(settings["encoder_key"], settings["embed"]["length_features"],
                                  settings["embed"]["knn"])
             if key not in featurizers:
-                featurizers[key] = EmbedFeaturizer(settings, ctx, embedding_cache(settings, ctx))
+                featurizers[key] = EmbedFeaturizer(model, settings, ctx,
+                                                   embedding_cache(settings, ctx))
             models.append(EmbedModel(model, config, ctx, featurizers[key]))
         elif stage == "finetune":
             models.append(FinetuneModel(model, config, ctx))

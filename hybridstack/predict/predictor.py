@@ -178,18 +178,21 @@ class Predictor:
         return self._ngram_names[model.name]
 
 
-def load(experiment_dir: str | Path) -> Predictor:
-    """Open ``runs/<experiment>/`` for prediction.
+def load(experiment_dir: str | Path, cache_dir: str | Path | None = None) -> Predictor:
+    """Open ``runs/<experiment>/`` for prediction; nothing is written there or in its workdir.
 
     Parameters
     ----------
-    experiment_dir : an experiment folder with a finished stack.
+    experiment_dir : an experiment folder with a finished stack (it may be read-only, and
+        its train file may be gone).
+    cache_dir : where embeddings of texts the training run did not cache are written
+        (default ``./hybridstack-cache``); the run's own cache is read through it.
 
     Returns
     -------
     Predictor with ``predict_proba(rows)`` (n, C), ``predict(rows)``, ``explain(rows)``.
     """
-    ctx = open_run(experiment_dir)
+    ctx = open_run(experiment_dir, cache_dir)
     stack = ctx.dir.stack
     meta_path = stack.path / META_MODEL_FILE
     if not stack.is_done() or not meta_path.is_file():

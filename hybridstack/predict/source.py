@@ -27,14 +27,22 @@ from hybridstack.tasks import Dataset, Task, make_task
 Rows = pd.DataFrame | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
+DEFAULT_CACHE_DIR = Path("hybridstack-cache")  # new texts' embeddings, in the current folder
+
+
 @dataclass
 class RunContext:
-    """What every model predictor needs from the experiment: its folder, config and task."""
+    """What every model predictor needs from the experiment: its folder, config and task.
+
+    Nothing is written under ``dir`` or its workdir; embeddings of texts the training run
+    did not cache go to ``cache_dir``.
+    """
 
     dir: ExperimentDir
     cfg: Config
     task: Task
     dataset: dict[str, Any]  # dataset.json: fingerprints, row counts, label names
+    cache_dir: Path = DEFAULT_CACHE_DIR
 
     @property
     def rerun_hint(self) -> str:
@@ -45,11 +53,17 @@ class RunContext:
     def train(self) -> Dataset:
         """The experiment's train rows, parsed and de-duplicated exactly as at training time.
 
-        The kNN exclusion groups of new rows are numbered after the train rows' groups,
-        so a new row that repeats a train text (or, pairwise, a train prompt) gets that
-        row's group and never sees it as a neighbour, as the test rows did.
+        Only runs made before the embed stage saved ``knn_groups.npz`` need it: there the
+        kNN exclusion groups of new rows are numbered after the train rows' groups, so a
+        new row that repeats a train text (or, pairwise, a train prompt) gets that row's
+        group and never sees it as a neighbour, as the test rows did.
         """
         cfg, recorded = self.cfg, self.dataset["files"]["train"]
+        if not cfg.data.train.is_file():
+            raise HybridstackError(
+                f"{self.dir.path.name} was trained before kNN groups were saved with the model, "
+                f"so predicting needs its train file {cfg.data.train}; restore it, or re-run "
+                f"`hybridstack run embed -c {self.rerun_hint}` and the stack")
         if file_sha256(cfg.data.train) != recorded["sha256"]:
             raise HybridstackError(
                 f"data.train {cfg.data.train} changed since {self.dir.path.name} was trained; "
@@ -59,12 +73,13 @@ class RunContext:
         return deduplicate(self.task, train) if cfg.data.clean.dedup else train
 
 
-def open_run(run_dir: str | Path) -> RunContext:
-    """The config snapshot, dataset record and task of ``runs/<experiment>/``.
+def open_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> RunContext:
+    """The config snapshot, dataset record and task of ``runs/<experiment>/``, read-only.
 
-    ``workdir`` and ``experiment`` are pinned to where the folder is now (a moved run
-    folder still finds its shared embedding cache next to it). The test and sample files
-    are not needed to score new rows, so they may be gone.
+    ``workdir`` and ``experiment`` are pinned to where the folder is now (a moved or
+    attached run folder still finds its shared embedding cache next to it). The data
+    files (train included) are not needed to score new rows, so they may be gone.
+    ``cache_dir`` receives embeddings of new texts (default ``./hybridstack-cache``).
     """
     exp_dir = ExperimentDir(Path(run_dir).resolve())
     if not exp_dir.config_path.is_file() or not exp_dir.dataset_path.is_file():
@@ -74,16 +89,16 @@ def open_run(run_dir: str | Path) -> RunContext:
     raw = tomllib.loads(exp_dir.config_path.read_text(encoding="utf-8"))
     raw["workdir"] = str(exp_dir.path.parent.parent)
     raw["experiment"] = exp_dir.path.name
-    for unneeded in ("test", "sample_submission"):
-        raw.get("data", {}).pop(unneeded, None)
-    cfg = config_from_dict(raw, base_dir=exp_dir.path, source=str(exp_dir.config_path))
+    cfg = config_from_dict(raw, base_dir=exp_dir.path, source=str(exp_dir.config_path),
+                           check_files=False)
     dataset = read_json(exp_dir.dataset_path)
     task = make_task(cfg, classes=dataset["label_names"])
     if task.label_names != dataset["label_names"]:
         raise HybridstackError(
             f"{exp_dir.config_path}: label columns {task.label_names} differ from the trained "
             f"{dataset['label_names']}; restore the [task] section")
-    return RunContext(exp_dir, cfg, task, dataset)
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    return RunContext(exp_dir, cfg, task, dataset, cache.resolve())
 
 
 def _cell(value: Any) -> str:

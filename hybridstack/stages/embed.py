@@ -33,7 +33,7 @@ from hybridstack.config import Config, EmbedConfig, LGBMHead, MLPHead
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment, open_experiment
 from hybridstack.features.embeddings import EmbeddingCache, embed_cache_from_config
-from hybridstack.features.knn import KNNFeatureHead, normalize_rows
+from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap, KNNFeatureHead, normalize_rows
 from hybridstack.features.lengths import STRUCTURE_NAMES, log_counts
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.lgbm import LightGBMHead
@@ -147,14 +147,18 @@ def _assemble(parts: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, list[tup
     return matrix, [(name, block.shape[1]) for name, block in parts]
 
 
+def group_keys(task: Task, ds: Dataset) -> np.ndarray:
+    """Each row's kNN exclusion key: its fold group (pairwise: the prompt), else its exact text."""
+    return ds.groups if ds.groups is not None else np.asarray(task.joined_text(ds), dtype=object)
+
+
 def exclusion_groups(task: Task, splits: list[Dataset]) -> list[np.ndarray]:
     """Integer kNN exclusion group per row of each split, numbered over all splits together.
 
     The fold groups when the task has them (pairwise: the prompt), else the exact text, so
     duplicates in train, validation or test never serve as each other's neighbours.
     """
-    keys = [ds.groups if ds.groups is not None else np.asarray(task.joined_text(ds), dtype=object)
-            for ds in splits]
+    keys = [group_keys(task, ds) for ds in splits]
     # factorize hashes the strings; np.unique would first copy them into a fixed-width
     # array as wide as the longest text (gigabytes for LMSYS-length prompts)
     codes, _ = pd.factorize(np.concatenate(keys))
@@ -285,6 +289,11 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
     result = fit_oof(make_head(spec, exp, features), features.X, exp.train.Y, exp.folds,
                      features.X_test, score=exp.task.score, swap=swap,
                      store=FoldStore(model.path, config_hash))
+    if embed.knn:
+        # what predict numbers new rows' kNN groups by, so it never needs train.csv again
+        train_groups = features.X[:, -1].astype(np.int64)
+        GroupMap.from_keys(group_keys(exp.task, exp.train), train_groups).save(
+            model.path / GROUP_MAP_FILE)
     settings = {
         "head": type(spec).__name__, "spec": spec.model_dump(),
         "embed": embed.model_dump(mode="json", exclude={"lgbm", "mlp"}),
