@@ -31,6 +31,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch):
+    """Commands that write to the current folder (predict's ./hybridstack-cache) write there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def make_config(tmp_path: Path):
     """``make_config(kind, n_train=120, n_test=40, **sections)`` -> (Config, path to its TOML)."""

@@ -186,7 +186,8 @@ def load(experiment_dir: str | Path, cache_dir: str | Path | None = None) -> Pre
     experiment_dir : an experiment folder with a finished stack (it may be read-only, and
         its train file may be gone).
     cache_dir : where embeddings of texts the training run did not cache are written
-        (default ``./hybridstack-cache``); the run's own cache is read through it.
+        (default: a temporary folder removed with the predictor); the run's own cache is
+        read through it.
 
     Returns
     -------

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from hybridstack.tasks import Dataset, Task, make_task
 Rows = pd.DataFrame | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
-DEFAULT_CACHE_DIR = Path("hybridstack-cache")  # new texts' embeddings, in the current folder
+# `hybridstack predict`: new texts' embeddings, in the current folder (kept between calls)
+DEFAULT_CACHE_DIR = Path("hybridstack-cache")
 
 
 @dataclass
@@ -42,7 +44,9 @@ class RunContext:
     cfg: Config
     task: Task
     dataset: dict[str, Any]  # dataset.json: fingerprints, row counts, label names
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_dir: Path
+    # keeps a temporary cache_dir alive as long as the context (removed with it)
+    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def rerun_hint(self) -> str:
@@ -79,7 +83,8 @@ def open_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> RunCon
     ``workdir`` and ``experiment`` are pinned to where the folder is now (a moved or
     attached run folder still finds its shared embedding cache next to it). The data
     files (train included) are not needed to score new rows, so they may be gone.
-    ``cache_dir`` receives embeddings of new texts (default ``./hybridstack-cache``).
+    ``cache_dir`` receives embeddings of new texts; None: a temporary folder that lives as
+    long as the returned context (the CLI passes ``./hybridstack-cache``).
     """
     exp_dir = ExperimentDir(Path(run_dir).resolve())
     if not exp_dir.config_path.is_file() or not exp_dir.dataset_path.is_file():
@@ -97,8 +102,10 @@ def open_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> RunCon
         raise HybridstackError(
             f"{exp_dir.config_path}: label columns {task.label_names} differ from the trained "
             f"{dataset['label_names']}; restore the [task] section")
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    return RunContext(exp_dir, cfg, task, dataset, cache.resolve())
+    if cache_dir is not None:
+        return RunContext(exp_dir, cfg, task, dataset, Path(cache_dir).resolve())
+    scratch = tempfile.TemporaryDirectory(prefix="hybridstack-embeddings-")
+    return RunContext(exp_dir, cfg, task, dataset, Path(scratch.name), scratch)
 
 
 def _cell(value: Any) -> str:
