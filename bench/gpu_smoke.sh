@@ -29,7 +29,7 @@ TOTAL_SECONDS=${TOTAL_SECONDS:-295}
 # Distributions the fine-tune path imports (hybridstack/finetune/*, stages/finetune.py and what
 # they import from hybridstack: config, tasks, experiment, folds, heads/base, runs, tables,
 # models, stages/common, versions, cli). matplotlib: the `hybridstack` command builds its parser
-# from every sub-command module, and hybridstack.report imports matplotlib at the top.
+# from every sub-command module, and hybridstack.commands.report imports matplotlib at the top.
 # tokenizers/safetensors come with transformers anyway; protobuf + sentencepiece turn the
 # Hub's spm-only DeBERTa-v3 tokenizer into a fast one.
 FINETUNE_DEPS=(transformers accelerate tokenizers safetensors sentencepiece protobuf numpy pandas

@@ -42,7 +42,7 @@ def hybridstack(*args: str) -> tuple[float, str]:
 
 
 def bench_dataset(folder: Path, work: Path, overrides: list[str]) -> dict:
-    from hybridstack.compare import compare_rows
+    from hybridstack.commands.compare import compare_rows
 
     name = folder.name
     config = work / f"{name}.toml"

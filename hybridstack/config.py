@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from hybridstack.errors import HybridstackError
 
@@ -127,7 +128,19 @@ class MLPHead(Section):
     patience: int = Field(8, ge=1)
 
 
+# Head kinds beyond lgbm/mlp register their config list here (hybridstack.heads.registry).
+EXTRA_HEAD_LISTS: dict[str, type[Section]] = {}
+
+
+def register_head_list(key: str, spec: type[Section]) -> None:
+    if key not in EmbedConfig.model_fields:
+        EXTRA_HEAD_LISTS[key] = spec
+
+
 class EmbedConfig(Section):
+    # registered head lists (e.g. [[embed.toy]]) arrive as extra keys, checked below
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     enabled: bool = True
     # an id resolved offline (HF cache) or a local folder
     model: str = "intfloat/e5-small-v2"
@@ -151,11 +164,28 @@ class EmbedConfig(Section):
     mlp: list[MLPHead] = Field(default_factory=lambda: [MLPHead()])
 
     @model_validator(mode="after")
-    def _unique_head_names(self) -> EmbedConfig:
-        names = [h.name for h in [*self.lgbm, *self.mlp]]
+    def _registered_lists_and_unique_names(self) -> EmbedConfig:
+        for key, value in (self.model_extra or {}).items():
+            spec = EXTRA_HEAD_LISTS.get(key)
+            if spec is None:
+                raise PydanticCustomError("unknown_key", "unknown key", {"key": key})
+            if not isinstance(value, list):
+                raise ValueError(f"embed.{key} must be a list of tables ([[embed.{key}]])")
+            self.model_extra[key] = [v if isinstance(v, spec) else spec.model_validate(v)
+                                     for v in value]
+        names = [h.name for key in self.head_list_keys() for h in self.head_list(key)]
         if len(set(names)) != len(names):
-            raise ValueError(f"embed head names must be unique across lgbm and mlp, got {names}")
+            raise ValueError(f"embed head names must be unique across every head list, got {names}")
         return self
+
+    def head_list_keys(self) -> list[str]:
+        return ["lgbm", "mlp", *sorted(self.model_extra or {})]
+
+    def head_list(self, key: str) -> list[Any]:
+        """The entries of ``[[embed.<key>]]`` (empty when the config has none)."""
+        if key in type(self).model_fields:
+            return list(getattr(self, key))
+        return list((self.model_extra or {}).get(key, []))
 
 
 class FinetuneConfig(Section):
@@ -358,7 +388,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "unknown_key":
+        where = ".".join(p for p in (where, first["ctx"]["key"]) if p)
+    if first["type"] in ("extra_forbidden", "unknown_key"):
         return f"unknown config key '{where}' (check the spelling; see configs/ for every key)"
     if first["type"] == "missing":
         return f"missing required config key '{where}'"

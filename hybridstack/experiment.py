@@ -10,17 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import cached_property
+from pathlib import Path
 
+import joblib
 import numpy as np
 import pandas as pd
 
-from hybridstack.config import Config
+from hybridstack.config import Config, config_from_dict
 from hybridstack.errors import HybridstackError
 from hybridstack.folds import make_folds
-from hybridstack.runs import ExperimentDir, read_json, write_json, write_npy, write_text
+from hybridstack.runs import (
+    ExperimentDir,
+    read_json,
+    write_joblib,
+    write_json,
+    write_npy,
+    write_text,
+)
 from hybridstack.tables import file_sha256, read_table
 from hybridstack.tasks import Dataset, Task, make_task
 
@@ -52,21 +61,35 @@ class Experiment:
         config that produced the latest model (a stage that fails later leaves it untouched)."""
         write_text(self.dir.config_path, self.cfg.to_toml())
 
-    @cached_property
-    def test_ids(self) -> np.ndarray:
-        return self.test.ids if self.test is not None else np.array([], dtype=str)
+
+@dataclass
+class LoadedData:
+    """The inputs of an experiment, read, parsed and checked (nothing written yet)."""
+
+    task: Task
+    train: Dataset
+    test: Dataset | None
+    sample: pd.DataFrame | None
+    record: dict  # what dataset.json holds, the fingerprint included
 
 
-def open_experiment(cfg: Config) -> Experiment:
+def load_data(cfg: Config) -> LoadedData:
+    """Read and parse the train, test and sample files once; hash them for the fingerprint."""
     task = make_task(cfg)
     train = task.parse(_read(cfg, cfg.data.train), labelled=True)
     if cfg.data.clean.dedup:
         train = deduplicate(task, train)
     test = task.parse(_read(cfg, cfg.data.test), labelled=False) if cfg.data.test else None
-    sample = _read_sample(cfg, task, test)
+    sample = read_sample(cfg, task, test)
+    return LoadedData(task, train, test, sample, dataset_record(cfg, task, train, test))
 
+
+def open_experiment(cfg: Config) -> Experiment:
+    """Open (or create) ``runs/<experiment>/`` for training: the one place that writes
+    dataset.json and folds.npy. The pipeline calls it once per process."""
+    data = load_data(cfg)
+    task, train, test, sample, dataset = data.task, data.train, data.test, data.sample, data.record
     exp_dir = ExperimentDir(cfg.run_dir)
-    dataset = _dataset_record(cfg, task, train, test)
     _check_same_dataset(exp_dir, dataset)
     write_json(exp_dir.dataset_path, dataset)
     folds = _load_or_make_folds(exp_dir, cfg, task, train)
@@ -82,7 +105,47 @@ def _read(cfg: Config, path):
     return read_table(path, cfg.data.delimiter, cfg.data.column_names)
 
 
-def _read_sample(cfg: Config, task: Task, test: Dataset | None) -> pd.DataFrame | None:
+def snapshot_config_of(run_dir: str | Path, check_files: bool = True) -> Config:
+    """The config a run folder was made with (its config.toml), ``workdir`` and ``experiment``
+    pinned to where the folder is now, so a moved or attached run folder finds itself."""
+    exp_dir = ExperimentDir(Path(run_dir).resolve())
+    if not exp_dir.config_path.is_file():
+        raise HybridstackError(
+            f"{run_dir} is not an experiment folder (no config.toml); give runs/<experiment>")
+    raw = tomllib.loads(exp_dir.config_path.read_text(encoding="utf-8"))
+    raw["workdir"] = str(exp_dir.path.parent.parent)
+    raw["experiment"] = exp_dir.path.name
+    return config_from_dict(raw, base_dir=exp_dir.path, source=str(exp_dir.config_path),
+                            check_files=check_files)
+
+
+def reopen_experiment(run_dir: str | Path) -> Experiment:
+    """A finished experiment, read-only (report, audit, compare): nothing is written.
+
+    The data are re-read through its config snapshot and the fingerprint recomputed from
+    them as they are now (audit compares it with dataset.json).
+    """
+    exp_dir = ExperimentDir(Path(run_dir).resolve())
+    if not exp_dir.folds_path.is_file():
+        raise HybridstackError(f"{run_dir} has no folds.npy; run a stage first")
+    cfg = snapshot_config_of(exp_dir.path)
+    data = load_data(cfg)
+    folds = np.load(exp_dir.folds_path, allow_pickle=False)
+    return Experiment(cfg, exp_dir, data.task, data.train, data.test, data.sample, folds,
+                      data.record["fingerprint"])
+
+
+def save_snapshot(exp: Experiment, path: Path) -> None:
+    """The opened experiment for worker processes (the data-parallel fine-tune): they load it
+    instead of re-reading and re-parsing the input files."""
+    write_joblib(path, exp)
+
+
+def load_snapshot(path: Path) -> Experiment:
+    return joblib.load(path)
+
+
+def read_sample(cfg: Config, task: Task, test: Dataset | None) -> pd.DataFrame | None:
     if cfg.data.sample_submission is None:
         return None
     sample = read_table(cfg.data.sample_submission).frame
@@ -127,7 +190,7 @@ def deduplicate(task: Task, train: Dataset) -> Dataset:
     return deduped
 
 
-def _dataset_record(cfg: Config, task: Task, train: Dataset, test: Dataset | None) -> dict:
+def dataset_record(cfg: Config, task: Task, train: Dataset, test: Dataset | None) -> dict:
     files = {
         key: {"path": str(path), "sha256": file_sha256(path)}
         for key in ("train", "test", "sample_submission")

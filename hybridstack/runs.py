@@ -37,6 +37,10 @@ TEST_FILE = "test.npy"
 SCORES_FILE = "scores.json"
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE"
+# stack/: the blend's weights (readable), the fitted stacker, multilabel decision thresholds
+WEIGHTS_FILE = "weights.json"
+META_MODEL_FILE = "meta_model.joblib"
+THRESHOLDS_FILE = "thresholds.json"
 
 
 # -- atomic writes -------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
 from hybridstack.config import CleanConfig, Config, TaskConfig
 from hybridstack.errors import HybridstackError
-from hybridstack.features.text import clean_text, replace_lone_surrogates
 from hybridstack.tables import Table, read_table, require_columns
+from hybridstack.text import clean_text, replace_lone_surrogates
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hybridstack.commands.init import InitOptions, init_config
 from hybridstack.recipes import RECIPES
-from hybridstack.scaffold import InitOptions, init_config
 from hybridstack.synthetic import write_kaggle_competition
 
 KAGGLE = Path("/kaggle")

@@ -15,8 +15,8 @@ import tomli_w
 from conftest import FAST, _merge
 from sklearn.base import clone
 
-from hybridstack import audit
 from hybridstack.cli import main
+from hybridstack.commands import audit
 from hybridstack.config import config_from_dict, load_config
 from hybridstack.features import knn
 from hybridstack.models import embedded_minilm_path

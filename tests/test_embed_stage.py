@@ -11,6 +11,7 @@ import pytest
 from hybridstack.config import CleanConfig, EmbedConfig, TaskConfig, config_from_dict
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import open_experiment
+from hybridstack.features import embed_matrix
 from hybridstack.features.knn import KNNFeatureHead
 from hybridstack.heads.base import predict_views
 from hybridstack.heads.lgbm import LightGBMHead
@@ -46,7 +47,7 @@ def test_stage_fits_every_head_beats_the_prior_and_skips_on_rerun(make_config, m
     assert exp.dir.submission_path.is_file()
 
     monkeypatch.setattr(embed_stage, "fit_oof", must_not_run)
-    monkeypatch.setattr(embed_stage, "build_features", must_not_run)
+    monkeypatch.setattr(embed_matrix, "build_features", must_not_run)
     embed_stage.run(cfg)  # both heads DONE with the same config: nothing is refitted
 
 
@@ -59,7 +60,7 @@ def test_a_new_head_reuses_cached_features_and_leaves_finished_heads_alone(make_
 
     two_heads = {**one_head, "mlp": [*one_head["mlp"], {"name": "mlp_wide", "max_epochs": 2}]}
     cfg_more, _ = make_config("multiclass", embed=two_heads)
-    monkeypatch.setattr(embed_stage, "build_features", must_not_run)
+    monkeypatch.setattr(embed_matrix, "build_features", must_not_run)
     embed_stage.run(cfg_more)
     assert exp.dir.model("minilm_mlp_wide").is_done()
     assert os.stat(exp.dir.model("minilm_mlp").done_path).st_mtime_ns == done_stamp
@@ -82,8 +83,8 @@ def test_swapping_a_and_b_swaps_the_features_and_the_predicted_winner():
     task = PairwiseTask(TaskConfig(kind="pairwise"), CleanConfig())
     ds, emb = pairwise_dataset(80)
     ds_swapped, emb_swapped = pairwise_dataset(80, swapped=True)
-    X, X_swap, blocks, key_columns = embed_stage.split_views(task, ds, emb, length_features=True)
-    X2, X2_swap, _, _ = embed_stage.split_views(task, ds_swapped, emb_swapped, length_features=True)
+    X, X_swap, blocks, key_columns = embed_matrix.split_views(task, ds, emb, length_features=True)
+    X2, X2_swap, _, _ = embed_matrix.split_views(task, ds_swapped, emb_swapped, length_features=True)
     np.testing.assert_array_equal(X2, X_swap)
     np.testing.assert_array_equal(X2_swap, X)
     assert X.shape[1] == sum(width for _, width in blocks) == 5 * 8 + 3 + 4 * 6
@@ -108,13 +109,13 @@ def test_exclusion_groups_join_duplicates_across_splits_and_pairwise_prompts():
     task = MultilabelTask(TaskConfig(kind="multilabel"), CleanConfig())
     train = Dataset(ids=np.array(["1", "2", "3"]), fields={"text": ["a", "b", "a"]}, Y=None)
     test = Dataset(ids=np.array(["4", "5"]), fields={"text": ["b", "c"]}, Y=None)
-    train_groups, test_groups = embed_stage.exclusion_groups(task, [train, test])
+    train_groups, test_groups = embed_matrix.exclusion_groups(task, [train, test])
     assert train_groups[0] == train_groups[2] == 0 and train_groups[1] == test_groups[0] == 1
     assert test_groups[1] not in train_groups and train_groups.dtype == np.float32
 
     pairwise = PairwiseTask(TaskConfig(kind="pairwise"), CleanConfig())
     ds, _ = pairwise_dataset(30)
-    (codes,) = embed_stage.exclusion_groups(pairwise, [ds])
+    (codes,) = embed_matrix.exclusion_groups(pairwise, [ds])
     prompts = np.asarray(ds.fields["prompt"])
     assert all((codes == codes[i]).sum() == (prompts == prompts[i]).sum() for i in range(30))
 

@@ -32,8 +32,8 @@ import pandas as pd
 import pytest
 from test_finetune import finetune_section, tiny_model  # noqa: F401 - tiny_model is a fixture
 
-from hybridstack import audit
 from hybridstack.cli import main
+from hybridstack.commands import audit
 from hybridstack.config import load_config
 from hybridstack.experiment import open_experiment
 from hybridstack.features.embeddings import SHARDS_DIR, EmbeddingCache, Shard

@@ -26,7 +26,7 @@ from hybridstack.finetune.data import (
     allocate_budget,
     truncate_head_tail,
 )
-from hybridstack.finetune.launch import launch_multiprocess
+from hybridstack.finetune.launch import check_devices
 from hybridstack.finetune.model import class_weights, load_classifier, load_tokenizer
 from hybridstack.runs import ExperimentDir
 from hybridstack.stages import finetune as stage
@@ -322,10 +322,13 @@ def test_more_processes_than_devices_is_one_error_line(make_config):
     _, path = make_config("multiclass", n_train=30, n_test=6)
     if torch.cuda.device_count() < 64:
         with pytest.raises(HybridstackError, match="GPU") as err:
-            launch_multiprocess(path, [], 64)
+            check_devices(64, cpu=False)
         assert "\n" not in str(err.value)
     with pytest.raises(HybridstackError, match="CPU cores"):
-        launch_multiprocess(path, [], 100_000, cpu=True)
+        check_devices(100_000, cpu=True)
+    from hybridstack.cli import main
+
+    assert main(["run", "finetune", "-c", str(path), "--num-processes", "100000", "--cpu"]) == 2
 
 
 # -- multi-process (slow) -----------------------------------------------------------------

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hybridstack import scaffold
 from hybridstack.cli import build_parser, main
+from hybridstack.commands import init as scaffold
 from hybridstack.config import JIGSAW_LABELS, PAIRWISE_LABELS, load_config
 from hybridstack.errors import HybridstackError
 from hybridstack.synthetic import multiclass_frame, write_competition

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from hybridstack import cli
+from hybridstack.config import load_config
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import open_experiment
 from hybridstack.finetune import loop
@@ -124,7 +125,7 @@ def test_non_finite_loss_stops_the_fold_in_one_line_and_keeps_finished_folds(
     trained.clear()
     monkeypatch.setattr(stage, "train_fold", lambda *args: trained.append(args[-1]) or real_train_fold(*args))
     # the fix the message names; the finished fold 0 is reused, not retrained
-    stage.run(cli.load_config(path, ['finetune.mixed_precision="no"']))
+    stage.run(load_config(path, ['finetune.mixed_precision="no"']))
     assert trained == [1] and model.is_done()
 
 
@@ -157,15 +158,15 @@ def test_run_all_launches_only_the_finetune_on_n_processes(make_config, monkeypa
     cfg, path = make_config("multiclass", n_train=40, n_test=8, finetune={"enabled": True})
     launched = []
 
-    def fake_launch(config_path, overrides, num_processes, cpu=False):
-        launched.append((Path(config_path), num_processes, cpu))
+    def fake_launch(exp, num_processes, cpu=False):
+        launched.append((exp.cfg.experiment, num_processes, cpu))
         return 0
 
-    import hybridstack.finetune.launch as launch
+    import hybridstack.pipeline as pipeline
 
-    monkeypatch.setattr(launch, "launch_multiprocess", fake_launch)
+    monkeypatch.setattr(pipeline, "launch_multiprocess", fake_launch)
     assert cli.main(["run", "all", "-c", str(path), "--num-processes", "2", "--cpu"]) == 0
-    assert launched == [(path, 2, True)]
+    assert launched == [(cfg.experiment, 2, True)]
     assert (cfg.run_dir / "models" / "tfidf_logreg" / "DONE").is_file()  # ran in this process
     assert cli.main(["run", "tfidf", "-c", str(path), "--num-processes", "2"]) == 2
 
@@ -173,8 +174,8 @@ def test_run_all_launches_only_the_finetune_on_n_processes(make_config, monkeypa
 def test_a_failed_multiprocess_finetune_stops_run_all(make_config, monkeypatch):
     cfg, path = make_config("multiclass", n_train=40, n_test=8, finetune={"enabled": True},
                             stack={"enabled": True})
-    import hybridstack.finetune.launch as launch
+    import hybridstack.pipeline as pipeline
 
-    monkeypatch.setattr(launch, "launch_multiprocess", lambda *a, **k: 3)
+    monkeypatch.setattr(pipeline, "launch_multiprocess", lambda *a, **k: 3)
     assert cli.main(["run", "all", "-c", str(path), "--num-processes", "2", "--cpu"]) == 3
     assert not (cfg.run_dir / "stack").exists()

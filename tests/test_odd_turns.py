@@ -13,7 +13,7 @@ import tomli_w
 import torch
 
 import hybridstack
-from hybridstack.cli import run_stage
+from hybridstack.commands.run import run_stage
 from hybridstack.config import CleanConfig, TaskConfig
 from hybridstack.runs import read_json
 from hybridstack.synthetic import pairwise_frame, write_competition, write_tiny_deberta_v3

@@ -17,13 +17,14 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import hybridstack
-from hybridstack.cli import main, run_stage
+from hybridstack.cli import main
+from hybridstack.commands.run import run_stage
 from hybridstack.errors import HybridstackError
-from hybridstack.explain import tree_feature_groups
+from hybridstack.features.embed_matrix import exclusion_groups
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
+from hybridstack.predict.explain import tree_feature_groups
 from hybridstack.predict.families import EmbedModel
 from hybridstack.runs import ExperimentDir, read_json
-from hybridstack.stages.embed import exclusion_groups
 from hybridstack.synthetic import write_competition
 
 ATOL = 1e-6
@@ -357,7 +358,7 @@ def test_moved_run_folder_still_predicts(tmp_path):
 def test_import_hybridstack_stays_light():
     import subprocess
 
-    code = ("import sys, hybridstack, hybridstack.predict, hybridstack.predict.cli; "
+    code = ("import sys, hybridstack, hybridstack.predict, hybridstack.commands.predict; "
             "print(sorted({'torch', 'lightgbm', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -13,7 +13,8 @@ import pytest
 import tomli_w
 import torch
 
-from hybridstack.cli import main, run_stage
+from hybridstack.cli import main
+from hybridstack.commands.run import run_stage
 from hybridstack.features.knn import GROUP_MAP_FILE, UNSEEN_GROUP, GroupMap
 from hybridstack.synthetic import pairwise_frame, write_competition, write_tiny_deberta_v3
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from hybridstack.cli import main
+from hybridstack.commands.report import write_report
 from hybridstack.errors import HybridstackError
-from hybridstack.report import write_report
 from hybridstack.runs import ExperimentDir
 from hybridstack.stages import stack, tfidf
 

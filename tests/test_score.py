@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from hybridstack.cli import main
+from hybridstack.commands.score import score_submission
 from hybridstack.config import JIGSAW_LABELS, PAIRWISE_LABELS
 from hybridstack.errors import HybridstackError
-from hybridstack.score import score_submission
 
 
 def _write(path: Path, ids, columns: dict) -> Path:

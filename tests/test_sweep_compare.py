@@ -5,8 +5,8 @@ import pandas as pd
 
 import hybridstack
 from hybridstack.cli import main
-from hybridstack.compare import compare_rows
-from hybridstack.sweep import combination_name, parse_grid
+from hybridstack.commands.compare import compare_rows
+from hybridstack.commands.sweep import combination_name, parse_grid
 
 
 def test_parse_grid_keeps_lists_whole():
@@ -51,7 +51,7 @@ def test_grid_2x2_creates_four_experiments_skips_rerun_and_compares(make_config,
 
 def test_failing_combination_is_reported_and_sweep_continues(make_config, capsys, monkeypatch):
     cfg, path = make_config("multiclass", n_train=90, n_test=10)
-    import hybridstack.sweep as sweep
+    import hybridstack.commands.sweep as sweep
     from hybridstack.errors import HybridstackError
 
     real = sweep.run_stage

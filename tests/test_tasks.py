@@ -6,7 +6,6 @@ import pytest
 
 from hybridstack.config import CleanConfig, TaskConfig
 from hybridstack.errors import HybridstackError
-from hybridstack.features.text import clean_text
 from hybridstack.tables import read_table
 from hybridstack.tasks import (
     MulticlassTask,
@@ -15,6 +14,7 @@ from hybridstack.tasks import (
     mean_column_auc,
     multiclass_log_loss,
 )
+from hybridstack.text import clean_text
 
 
 def _table(tmp_path, frame: pd.DataFrame, name="train.csv"):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybridstack.features.lengths import log_counts
+
 # Probabilities are clipped before taking logs: a base model that outputs exactly 0 or 1
 # would otherwise give an infinite logit (Kaggle's log loss clips at the same place).
 PROB_CLIP = 1e-6
@@ -66,3 +68,12 @@ class StackInput:
         """(n,) bool: rows that every base model predicted (no NaN)."""
         return ~np.isnan(self.probs).any(axis=(1, 2))
 
+
+
+def meta_features(fields: dict[str, list[str]]) -> np.ndarray:
+    """(n, 6 * n_fields) log length/structure counts of every text field, for the LightGBM stacker.
+
+    The base models see length only indirectly (long answers win on LMSYS; very short
+    comments are rarely toxic), so a tree meta-model can still gain from it.
+    """
+    return np.hstack([log_counts(texts) for texts in fields.values()])

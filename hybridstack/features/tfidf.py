@@ -9,14 +9,24 @@ the row features are ``[prompt, A, B, A - B]``; the swapped view is
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import joblib
 import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import FeatureUnion
 
 from hybridstack.config import TfidfConfig
+from hybridstack.experiment import Experiment
+from hybridstack.runs import write_joblib
+
+log = logging.getLogger(__name__)
 
 
 def make_vectorizer(cfg: TfidfConfig) -> FeatureUnion:
@@ -75,3 +85,36 @@ def _pair(mats: dict[str, sp.csr_matrix], names: list[str], a: str, b: str) -> s
     """[other fields..., first, second, first - second] for one ordering of the pair."""
     others = [mats[n] for n in names if n not in (a, b)]
     return sp.hstack([*others, mats[a], mats[b], mats[a] - mats[b]], format="csr", dtype=np.float32)
+
+
+# -- the matrix cache (<workdir>/cache/features) ------------------------------------------
+
+# Vectorizer settings: changing any of them invalidates the cached matrix; LR settings do not.
+_MATRIX_KEYS = ("word_ngrams", "char_ngrams", "max_word_features", "max_char_features",
+                "min_df", "sublinear_tf")
+
+
+def matrix_cache_path(exp: Experiment) -> Path:
+    params = {k: getattr(exp.cfg.tfidf, k) for k in _MATRIX_KEYS}
+    key = hashlib.sha256((exp.fingerprint + json.dumps(params, default=str)).encode()).hexdigest()
+    return exp.dir.features_dir / f"tfidf_{key[:16]}.joblib"
+
+
+def load_or_build_matrix(exp: Experiment) -> TfidfFeatures:
+    """The TF-IDF matrices of this experiment, fitted once and cached in features/."""
+    path = matrix_cache_path(exp)
+    if path.is_file():
+        started = time.perf_counter()
+        features = joblib.load(path)
+        log.info("tfidf: reused cached matrix %s (%.1fs)", path.name, time.perf_counter() - started)
+        return features
+    started = time.perf_counter()
+    features = build_tfidf(
+        exp.cfg.tfidf, exp.train.fields,
+        exp.test.fields if exp.test is not None else None,
+        exp.task.swap_fields,
+    )
+    write_joblib(path, features)
+    log.info("tfidf: fitted %d features in %.1fs -> %s",
+             features.X.shape[1], time.perf_counter() - started, path.name)
+    return features

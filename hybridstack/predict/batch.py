@@ -168,7 +168,7 @@ def predict_file_in_processes(run_dir: Path, input_path: Path, output_path: Path
         for k, rows in enumerate(parts):
             part_in, part_out = Path(tmp) / f"in_{k}.csv", Path(tmp) / f"out_{k}.csv"
             frame.iloc[rows].to_csv(part_in, index=False)
-            command = [sys.executable, "-m", "hybridstack.cli", "predict", str(run_dir),
+            command = [sys.executable, "-m", "hybridstack", "predict", str(run_dir),
                        "--input", str(part_in), "--output", str(part_out),
                        "--cache-dir", str(cache_dir), "--chunk-rows", str(chunk_rows)]
             procs.append((subprocess.Popen(command, env=_device_env(k, num_processes, cpu)),

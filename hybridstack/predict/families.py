@@ -21,6 +21,12 @@ import scipy.sparse as sp
 from accelerate import Accelerator
 
 from hybridstack.errors import HybridstackError
+from hybridstack.features.embed_matrix import (
+    encode_fields,
+    exclusion_groups,
+    group_keys,
+    split_views,
+)
 from hybridstack.features.embeddings import EmbeddingCache
 from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap
 from hybridstack.features.tfidf import transform_rows
@@ -30,7 +36,6 @@ from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mix
 from hybridstack.heads.base import predict_views
 from hybridstack.predict.source import RunContext
 from hybridstack.runs import ModelDir, read_json
-from hybridstack.stages.embed import encode_fields, exclusion_groups, group_keys, split_views
 from hybridstack.tasks import Dataset
 
 

@@ -9,14 +9,13 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from hybridstack import explain
-from hybridstack.ensembles.inputs import StackInput
+from hybridstack.ensembles.inputs import StackInput, meta_features
 from hybridstack.ensembles.thresholds import apply_thresholds
 from hybridstack.errors import HybridstackError
+from hybridstack.predict import explain
 from hybridstack.predict.families import EmbedModel, FinetuneModel, TfidfModel, load_base_models
 from hybridstack.predict.source import Rows, RunContext, open_run, parse_rows
-from hybridstack.runs import read_json
-from hybridstack.stages.stack import META_MODEL_FILE, THRESHOLDS_FILE, WEIGHTS_FILE, meta_features
+from hybridstack.runs import META_MODEL_FILE, THRESHOLDS_FILE, WEIGHTS_FILE, read_json
 from hybridstack.tasks import Dataset
 
 BaseModel = TfidfModel | EmbedModel | FinetuneModel
@@ -115,7 +114,7 @@ class Predictor:
 
     # -- explanations --------------------------------------------------------------------------
     def explain(self, rows: Rows | Dataset, top_k: int = 8) -> list[dict[str, Any]]:
-        """Per row: probabilities, predicted labels, and why (see :mod:`hybridstack.explain`).
+        """Per row: probabilities, predicted labels, and why (see :mod:`hybridstack.predict.explain`).
 
         Returns
         -------

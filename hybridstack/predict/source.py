@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hybridstack.config import Config, config_from_dict
+from hybridstack.config import Config
 from hybridstack.errors import HybridstackError
-from hybridstack.experiment import deduplicate
+from hybridstack.experiment import deduplicate, snapshot_config_of
 from hybridstack.runs import ExperimentDir, read_json
 from hybridstack.tables import Table, file_sha256, read_table, require_columns
 from hybridstack.tasks import Dataset, Task, make_task
@@ -91,11 +90,7 @@ def open_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> RunCon
         raise HybridstackError(
             f"{run_dir} is not an experiment folder (no config.toml/dataset.json); "
             "give runs/<experiment>")
-    raw = tomllib.loads(exp_dir.config_path.read_text(encoding="utf-8"))
-    raw["workdir"] = str(exp_dir.path.parent.parent)
-    raw["experiment"] = exp_dir.path.name
-    cfg = config_from_dict(raw, base_dir=exp_dir.path, source=str(exp_dir.config_path),
-                           check_files=False)
+    cfg = snapshot_config_of(exp_dir.path, check_files=False)
     dataset = read_json(exp_dir.dataset_path)
     task = make_task(cfg, classes=dataset["label_names"])
     if task.label_names != dataset["label_names"]:

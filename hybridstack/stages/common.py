@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hybridstack.config import Config, load_config
-from hybridstack.experiment import Experiment
+from hybridstack.console import run_guarded, setup_logging
+from hybridstack.errors import HybridstackError
+from hybridstack.experiment import Experiment, load_snapshot, open_experiment
 from hybridstack.heads.base import OOFResult
 from hybridstack.runs import ModelDir, write_json, write_npy, write_text
 from hybridstack.versions import library_versions
@@ -106,21 +110,40 @@ def write_best_submission(exp: Experiment) -> None:
         write_submission(exp, best.load_test(), f"best model so far: {best.name}")
 
 
-def stage_main(stage: str, run) -> None:
-    """``python -m hybridstack.stages.<stage> -c cfg.toml [--set k=v]`` entry point."""
-    from hybridstack.cli import run_guarded, setup_logging
+def stage_experiment(exp_or_cfg: Experiment | Config, section: str) -> Experiment | None:
+    """The experiment a stage runs on, or None (said once) when ``[section]`` is disabled.
 
+    Stages run on an experiment the pipeline opened; a Config (scripts, tests) is opened
+    here, and only when the stage is enabled.
+    """
+    cfg = exp_or_cfg if isinstance(exp_or_cfg, Config) else exp_or_cfg.cfg
+    if not getattr(cfg, section).enabled:
+        print(f"{section}: disabled in the config ({section}.enabled = false), skipped")
+        return None
+    return open_experiment(exp_or_cfg) if isinstance(exp_or_cfg, Config) else exp_or_cfg
+
+
+def stage_main(stage: str, run) -> None:
+    """``python -m hybridstack.stages.<stage> -c cfg.toml [--set k=v]`` entry point.
+
+    ``--experiment SNAPSHOT`` instead of ``-c``: the experiment the pipeline opened (its
+    worker processes of a data-parallel fine-tune start this way).
+    """
     parser = argparse.ArgumentParser(prog=f"python -m hybridstack.stages.{stage}")
-    parser.add_argument("-c", "--config", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config")
+    source.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     setup_logging()
-    sys.exit(run_guarded(lambda: run(load_config(args.config, args.set))))
 
+    def go() -> None:
+        if args.experiment:
+            run(load_snapshot(Path(args.experiment)))
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise HybridstackError(f"start a data-parallel {stage} with `hybridstack run {stage} "
+                                   "-c cfg.toml --num-processes N`")
+        run(open_experiment(load_config(args.config, args.set)))
 
-def require_enabled(cfg: Config, section: str) -> bool:
-    if not getattr(cfg, section).enabled:
-        print(f"{section}: disabled in the config ({section}.enabled = false), skipped")
-        return False
-    return True
-
+    sys.exit(run_guarded(go))

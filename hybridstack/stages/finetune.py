@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from hybridstack.config import Config, FinetuneConfig
 from hybridstack.errors import HybridstackError
-from hybridstack.experiment import Experiment, open_experiment
+from hybridstack.experiment import Experiment
 from hybridstack.finetune.checkpoint import FoldCheckpoints
 from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
@@ -28,9 +28,9 @@ from hybridstack.heads.base import FoldStore, OOFResult
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.runs import ModelDir, write_json
 from hybridstack.stages.common import (
-    require_enabled,
     save_model_outputs,
     skip_if_done,
+    stage_experiment,
     stage_main,
     write_best_submission,
 )
@@ -75,13 +75,15 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(cfg: Config) -> None:
-    if not require_enabled(cfg, "finetune"):
+def run(exp: Experiment | Config) -> None:
+    """Fine-tune every configured fold; on N processes each one gets the same ``exp``
+    (the pipeline's snapshot), so no process re-reads the inputs or writes the folds."""
+    exp = stage_experiment(exp, "finetune")
+    if exp is None:
         return
-    ft = cfg.finetune
+    ft = exp.cfg.finetune
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(ft.mixed_precision),
                               gradient_accumulation_steps=ft.grad_accum)
-    exp = _open_experiment_main_first(cfg, accelerator)
     model_dir = exp.dir.model(model_folder_name(ft))
     n_procs = accelerator.num_processes
     fold_hash = fold_config_hash(exp, n_procs, with_precision=False)
@@ -107,13 +109,6 @@ def run(cfg: Config) -> None:
         write_best_submission(exp)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def _open_experiment_main_first(cfg: Config, accelerator: Accelerator) -> Experiment:
-    """The main process creates folds and snapshots; the others then find them in place."""
-    exp = open_experiment(cfg) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    return exp if exp is not None else open_experiment(cfg)
 
 
 def _folds_to_run(ft: FinetuneConfig, n_splits: int) -> list[int]:

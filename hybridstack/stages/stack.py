@@ -20,18 +20,27 @@ from sklearn.base import clone
 
 from hybridstack.config import Config
 from hybridstack.ensembles import make_stacker
-from hybridstack.ensembles.inputs import StackInput
+from hybridstack.ensembles.inputs import StackInput, meta_features
 from hybridstack.ensembles.meta import SelectModel
 from hybridstack.ensembles.nested import SINGLE_PREFIX, Choice, NestedResult, choose, nested_oof
 from hybridstack.ensembles.thresholds import tune_thresholds
 from hybridstack.errors import HybridstackError
-from hybridstack.experiment import Experiment, open_experiment
-from hybridstack.features.lengths import log_counts
+from hybridstack.experiment import Experiment
 from hybridstack.folds import make_folds
-from hybridstack.runs import ExperimentDir, ModelDir, read_json, write_joblib, write_json, write_npy
+from hybridstack.runs import (
+    META_MODEL_FILE,
+    THRESHOLDS_FILE,
+    WEIGHTS_FILE,
+    ExperimentDir,
+    ModelDir,
+    read_json,
+    write_joblib,
+    write_json,
+    write_npy,
+)
 from hybridstack.stages.common import (
-    require_enabled,
     skip_if_done,
+    stage_experiment,
     stage_main,
     write_submission,
 )
@@ -39,9 +48,6 @@ from hybridstack.versions import library_versions
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "weights.json"
-META_MODEL_FILE = "meta_model.joblib"
-THRESHOLDS_FILE = "thresholds.json"
 # A base model's recorded per-fold score must match its OOF rescored on this experiment's folds.
 _FOLD_SCORE_TOLERANCE = 1e-4
 
@@ -208,15 +214,6 @@ def evaluate_candidates(exp: Experiment, bases: list[BaseModel], X: StackInput,
 # -- the stage ------------------------------------------------------------------------------
 
 
-def meta_features(fields: dict[str, list[str]]) -> np.ndarray:
-    """(n, 6 * n_fields) log length/structure counts of every text field, for the LightGBM stacker.
-
-    The base models see length only indirectly (long answers win on LMSYS; very short
-    comments are rarely toxic), so a tree meta-model can still gain from it.
-    """
-    return np.hstack([log_counts(texts) for texts in fields.values()])
-
-
 def build_inputs(exp: Experiment, bases: list[BaseModel]) -> tuple[StackInput, StackInput | None]:
     """Train and test StackInputs (test is None without a test file)."""
     multilabel = exp.task.kind == "multilabel"
@@ -230,10 +227,10 @@ def build_inputs(exp: Experiment, bases: list[BaseModel]) -> tuple[StackInput, S
     return train, test
 
 
-def run(cfg: Config) -> None:
-    if not require_enabled(cfg, "stack"):
+def run(exp: Experiment | Config) -> None:
+    exp = stage_experiment(exp, "stack")
+    if exp is None:
         return
-    exp = open_experiment(cfg)
     bases = select_base_models(exp)
     stack = exp.dir.stack
     config_hash = stack_config_hash(exp, bases)

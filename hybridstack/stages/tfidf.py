@@ -2,64 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
-
-import joblib
 
 from hybridstack.config import Config
-from hybridstack.experiment import Experiment, open_experiment
-from hybridstack.features.tfidf import TfidfFeatures, build_tfidf
+from hybridstack.experiment import Experiment
+from hybridstack.features.tfidf import load_or_build_matrix
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.logreg import LogRegHead
 from hybridstack.runs import write_joblib
 from hybridstack.stages.common import (
-    require_enabled,
     save_model_outputs,
     skip_if_done,
+    stage_experiment,
     stage_main,
     write_best_submission,
 )
 
 log = logging.getLogger(__name__)
 
-# Vectorizer settings: changing any of them invalidates the cached matrix; LR settings do not.
-_MATRIX_KEYS = ("word_ngrams", "char_ngrams", "max_word_features", "max_char_features",
-                "min_df", "sublinear_tf")
-
-
-def matrix_cache_path(exp: Experiment):
-    params = {k: getattr(exp.cfg.tfidf, k) for k in _MATRIX_KEYS}
-    key = hashlib.sha256((exp.fingerprint + json.dumps(params, default=str)).encode()).hexdigest()
-    return exp.dir.features_dir / f"tfidf_{key[:16]}.joblib"
-
-
-def load_or_build_matrix(exp: Experiment) -> TfidfFeatures:
-    """The TF-IDF matrices of this experiment, fitted once and cached in features/."""
-    path = matrix_cache_path(exp)
-    if path.is_file():
-        started = time.perf_counter()
-        features = joblib.load(path)
-        log.info("tfidf: reused cached matrix %s (%.1fs)", path.name, time.perf_counter() - started)
-        return features
-    started = time.perf_counter()
-    features = build_tfidf(
-        exp.cfg.tfidf, exp.train.fields,
-        exp.test.fields if exp.test is not None else None,
-        exp.task.swap_fields,
-    )
-    write_joblib(path, features)
-    log.info("tfidf: fitted %d features in %.1fs -> %s",
-             features.X.shape[1], time.perf_counter() - started, path.name)
-    return features
-
-
-def run(cfg: Config) -> None:
-    if not require_enabled(cfg, "tfidf"):
+def run(exp: Experiment | Config) -> None:
+    exp = stage_experiment(exp, "tfidf")
+    if exp is None:
         return
-    exp = open_experiment(cfg)
+    cfg = exp.cfg
     features = None
     for spec in cfg.tfidf.models:
         model = exp.dir.model(spec.name)

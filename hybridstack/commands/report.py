@@ -9,7 +9,6 @@ Its plots use OOF predictions only, so they show held-out behaviour.
 from __future__ import annotations
 
 import argparse
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,8 @@ from matplotlib.figure import Figure
 from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-from hybridstack.config import config_from_dict
 from hybridstack.errors import HybridstackError
-from hybridstack.experiment import Experiment, open_experiment
+from hybridstack.experiment import Experiment, reopen_experiment
 from hybridstack.runs import ExperimentDir, ModelDir, read_json, write_text, write_with
 
 REPORT_FILE = "report.md"
@@ -47,19 +45,20 @@ class Entry:
         return float(self.scores["overall"])
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, exp: Experiment | None = None) -> Path:
     """Write ``<run_dir>/report/report.md`` and its PNG plots; return the report path.
 
     Parameters
     ----------
     run_dir : an experiment folder, ``<workdir>/runs/<experiment>``.
+    exp : the experiment already opened (``run all``); else it is reopened read-only.
     """
     exp_dir = ExperimentDir(Path(run_dir).resolve())
     if not exp_dir.config_path.is_file():
         raise HybridstackError(
             f"{run_dir} is not an experiment folder (no config.toml); give runs/<experiment>")
     entries = _entries(exp_dir)
-    exp = _reopen(exp_dir)
+    exp = exp if exp is not None else reopen_experiment(exp_dir.path)
     final = _final_entry(exp, entries)
     oof = final.folder.load_oof()
     rows = ~np.isnan(oof).any(axis=1)
@@ -90,18 +89,6 @@ def _entries(exp_dir: ExperimentDir) -> list[Entry]:
     if not models:
         raise HybridstackError(f"{exp_dir.path}: no finished model to report on; run a stage first")
     return models
-
-
-def _reopen(exp_dir: ExperimentDir) -> Experiment:
-    """The experiment behind ``exp_dir`` (for the train labels), from its config snapshot.
-
-    ``workdir`` and ``experiment`` are pinned to where the folder is now, so a moved run
-    folder still reports on itself; open_experiment refuses changed input files.
-    """
-    raw = tomllib.loads(exp_dir.config_path.read_text(encoding="utf-8"))
-    raw["workdir"] = str(exp_dir.path.parent.parent)
-    raw["experiment"] = exp_dir.path.name
-    return open_experiment(config_from_dict(raw, base_dir=exp_dir.path, source=str(exp_dir.config_path)))
 
 
 def _final_entry(exp: Experiment, entries: list[Entry]) -> Entry:

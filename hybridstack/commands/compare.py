@@ -88,8 +88,8 @@ def compare_rows(workdir: str | Path, experiments: list[str] | None = None,
 
 def _heldout_scorer(run_dir: Path, labels: str | Path):
     """A function scoring a test.npy of this experiment against the labels file."""
+    from hybridstack.commands.score import score_submission
     from hybridstack.config import load_config
-    from hybridstack.score import score_submission
     from hybridstack.tables import read_table
     from hybridstack.tasks import make_task
 

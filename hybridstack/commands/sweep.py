@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridstack.cli import run_stage
+from hybridstack.commands.run import run_stage
 from hybridstack.config import load_config
 from hybridstack.errors import HybridstackError, one_line
 from hybridstack.runs import copy_file
@@ -127,7 +127,7 @@ def add_parser(sub) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from hybridstack.compare import compare_rows, format_rows
+    from hybridstack.commands.compare import compare_rows, format_rows
 
     started = time.perf_counter()
     results = run_sweep(args.config, args.grid, args.stage, args.set)

@@ -6,12 +6,13 @@ embedding model and the fine-tuning backbone, sized to finish in a few minutes o
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import tomli_w
 
-from hybridstack.cli import run_stage
+from hybridstack.commands.run import run_stage
 from hybridstack.models import EMBEDDED_MINILM
 from hybridstack.runs import ExperimentDir, read_json
 from hybridstack.synthetic import write_competition
@@ -63,3 +64,16 @@ def _print_summary(summary: list[tuple[str, ExperimentDir, float]]) -> None:
             print(f"  {model.name:<22} {scores['metric_name']} = {scores['overall']:.4f}")
         if exp.submission_path.is_file():
             print(f"  submission: {exp.submission_path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    run_demo(args.workdir, kinds=args.kind, rows=args.rows)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser("demo", help="synthetic data of each task kind through every stage")
+    demo.add_argument("--workdir", default="demo-runs", help="where the demo writes (default: demo-runs)")
+    demo.add_argument("--kind", action="append", choices=list(KINDS),
+                      help="only these task kinds (default: all three)")
+    demo.add_argument("--rows", type=int, default=600, help="train rows per dataset")
+    demo.set_defaults(func=cmd_demo)

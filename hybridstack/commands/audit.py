@@ -32,14 +32,11 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from hybridstack.config import LGBMHead, MLPHead, load_config
 from hybridstack.errors import HybridstackError, one_line
-from hybridstack.experiment import Experiment, _dataset_record, _read_sample, deduplicate
+from hybridstack.experiment import Experiment, dataset_record, reopen_experiment
 from hybridstack.folds import make_folds
 from hybridstack.heads.base import fit_oof
 from hybridstack.runs import DONE_FILE, ExperimentDir, ModelDir, read_json
-from hybridstack.tables import read_table
-from hybridstack.tasks import make_task
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SCORE_TOLERANCE = 1e-4  # recorded vs rescored per-fold metric
@@ -61,10 +58,9 @@ class Check:
 
 
 def load_experiment(run_dir: str | Path) -> tuple[Experiment, dict[str, Any]]:
-    """The experiment in ``run_dir`` re-read from its config snapshot, and its dataset.json.
+    """The experiment in ``run_dir`` re-read read-only, and its dataset.json.
 
-    Unlike :func:`~hybridstack.experiment.open_experiment` nothing is written, and the
-    fingerprint is recomputed from the data as it is now.
+    The fingerprint is recomputed from the data as they are now (checked against the record).
     """
     exp_dir = ExperimentDir(Path(run_dir))
     needed = (exp_dir.config_path, exp_dir.dataset_path, exp_dir.folds_path)
@@ -74,21 +70,7 @@ def load_experiment(run_dir: str | Path) -> tuple[Experiment, dict[str, Any]]:
             f"{run_dir} is not an experiment folder (no {', '.join(missing)}); "
             "pass runs/<experiment> after running a stage"
         )
-    cfg = load_config(exp_dir.config_path)
-    task = make_task(cfg)
-
-    def read(path):
-        return read_table(path, cfg.data.delimiter, cfg.data.column_names)
-
-    train = task.parse(read(cfg.data.train), labelled=True)
-    if cfg.data.clean.dedup:
-        train = deduplicate(task, train)
-    test = task.parse(read(cfg.data.test), labelled=False) if cfg.data.test else None
-    sample = _read_sample(cfg, task, test)
-    record = _dataset_record(cfg, task, train, test)
-    folds = np.load(exp_dir.folds_path, allow_pickle=False)
-    exp = Experiment(cfg, exp_dir, task, train, test, sample, folds, record["fingerprint"])
-    return exp, read_json(exp_dir.dataset_path)
+    return reopen_experiment(exp_dir.path), read_json(exp_dir.dataset_path)
 
 
 def model_dirs(exp_dir: ExperimentDir) -> list[ModelDir]:
@@ -208,7 +190,7 @@ def check_folds(exp: Experiment, dataset: dict[str, Any]) -> Check:
 
 
 def _shape(exp: Experiment) -> dict[str, Any]:
-    return _dataset_record(exp.cfg, exp.task, exp.train, exp.test)["shape"]
+    return dataset_record(exp.cfg, exp.task, exp.train, exp.test)["shape"]
 
 
 def check_groups(exp: Experiment) -> Check:
@@ -351,8 +333,8 @@ def permutation_checks(exp: Experiment, max_rows: int, seed: int) -> list[Check]
 
 
 def _tfidf_head(exp: Experiment, settings: dict[str, Any]) -> tuple[Any, Any] | str:
+    from hybridstack.features.tfidf import matrix_cache_path
     from hybridstack.heads.logreg import LogRegHead
-    from hybridstack.stages.tfidf import matrix_cache_path
 
     path = matrix_cache_path(exp)
     if not path.is_file():
@@ -369,20 +351,21 @@ def cached_embed_features(exp: Experiment, encoder_key: str):
 
     Located by the recorded encoder key, so auditing needs no encoder model.
     """
-    from hybridstack.stages.embed import EmbedFeatures, features_cache_path
+    from hybridstack.features.embed_matrix import EmbedFeatures, features_cache_path
 
     path = features_cache_path(exp, SimpleNamespace(key=encoder_key))
     return EmbedFeatures.load(path) if path.is_file() else None
 
 
 def _embed_head(exp: Experiment, settings: dict[str, Any]) -> tuple[Any, Any] | str:
+    from hybridstack.heads.registry import kind_named
     from hybridstack.stages.embed import make_head
 
     features = cached_embed_features(exp, settings.get("encoder_key", ""))
     if features is None:
         return "no cached embedding features for the snapshot's [embed] settings"
-    spec_type = LGBMHead if settings.get("head") == "LGBMHead" else MLPHead
-    return make_head(spec_type(**settings["spec"]), exp, features), features.X
+    spec = kind_named(settings.get("head", "")).spec(**settings["spec"])
+    return make_head(spec, exp, features), features.X
 
 
 # -- near-duplicates ---------------------------------------------------------------------------
