@@ -30,6 +30,12 @@ from hybridstack.runs import write_with
 
 IndexKind = Literal["flat", "ivf"]
 _WEIGHT_FLOOR = 1e-6  # keeps weights positive when every similarity is <= 0
+# Extra candidates fetched per query, re-scored exactly: faiss computes similarities with
+# BLAS for batches of 20+ queries and without it below, so the k-th neighbour of a row
+# could depend on which rows were searched with it (seen on LMSYS-like data: 2 rows in 254
+# changed by 8e-4 after the stack). Re-ranking by a per-row dot product removes that.
+_RERANK_MARGIN = 8
+_RERANK_ROWS = 256  # queries re-scored at a time (bounds the gathered pool vectors)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -97,7 +103,8 @@ def search_excluding_groups(
         depth = int(min(index.ntotal, k + excluded))
         if depth == 0:
             continue
-        found_sims, found_ids = index.search(queries[start:stop], depth)
+        found_ids = index.search(queries[start:stop], min(index.ntotal, depth + _RERANK_MARGIN))[1]
+        found_sims, found_ids = exact_rerank(index, queries[start:stop], found_ids)
         eligible = found_ids >= 0
         eligible &= pool_groups[np.maximum(found_ids, 0)] != batch_groups[:, None]
         # stable sort keeps the similarity order among the eligible neighbours
@@ -107,6 +114,38 @@ def search_excluding_groups(
         sims[start:stop, :width] = np.where(keep, np.take_along_axis(found_sims, order, axis=1), np.nan)
         ids[start:stop, :width] = np.where(keep, np.take_along_axis(found_ids, order, axis=1), -1)
     return sims, ids
+
+
+def exact_rerank(index: faiss.Index, queries: np.ndarray,
+                 ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities of each query to its candidate pool rows, computed row by row (so they
+    do not depend on the batch), and the candidates sorted by them (ties: lower id first).
+
+    Returns (sims, ids) of ``ids``' shape; missing candidates (-1) sort last with NaN.
+    """
+    _ensure_reconstructable(index)
+    sims = np.full(ids.shape, -np.inf, dtype=np.float32)
+    for lo in range(0, len(ids), _RERANK_ROWS):
+        block = ids[lo:lo + _RERANK_ROWS]
+        found = block >= 0
+        vectors = np.zeros((*block.shape, queries.shape[1]), dtype=np.float32)
+        vectors[found] = index.reconstruct_batch(block[found].astype(np.int64))
+        dots = np.einsum("md,mkd->mk", queries[lo:lo + _RERANK_ROWS], vectors)
+        sims[lo:lo + _RERANK_ROWS] = np.where(found, dots, -np.inf)
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -sims), axis=1)
+    sims = np.take_along_axis(sims, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    return np.where(np.isfinite(sims), sims, np.nan).astype(np.float32), ids
+
+
+def _ensure_reconstructable(index: faiss.Index) -> None:
+    """IVF indexes return stored vectors only with a direct map (made once, in place)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return  # a flat index stores its vectors in order
+    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
 
 
 def _pool_count(group_values: np.ndarray, group_sizes: np.ndarray, groups: np.ndarray) -> np.ndarray:
