@@ -1,6 +1,6 @@
 """The experiment directory: fixed paths, atomic writes and DONE markers.
 
-Layout (DESIGN.md)::
+Layout (docs/ARCHITECTURE.md)::
 
     runs/<experiment>/
       config.toml  dataset.json  folds.npy  submission.csv
@@ -37,6 +37,10 @@ TEST_FILE = "test.npy"
 SCORES_FILE = "scores.json"
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE"
+# models/<name>/: what turns parsed rows into the fold models' features (e.g. the fitted
+# TF-IDF vectorizer); a model folder that has one needs no stage code to predict
+FEATURIZER_FILE = "featurizer.joblib"
+FOLD_MODEL_FILE = "model.joblib"  # fold_<k>/: the fitted head
 # stack/: the blend's weights (readable), the fitted stacker, multilabel decision thresholds
 WEIGHTS_FILE = "weights.json"
 META_MODEL_FILE = "meta_model.joblib"

@@ -12,7 +12,6 @@ import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
 from hybridstack.config import CleanConfig, Config, TaskConfig
 from hybridstack.errors import HybridstackError
-from hybridstack.tables import Table, read_table, require_columns
+from hybridstack.tables import Table, require_columns
 from hybridstack.text import clean_text, replace_lone_surrogates
 
 log = logging.getLogger(__name__)
@@ -90,10 +89,6 @@ class Task(ABC):
         """Columns holding the target (train only)."""
 
     # -- parsing -----------------------------------------------------------------------
-    def read(self, path: str | Path, data_delimiter: str | None = None,
-             column_names: list[str] | None = None) -> Table:
-        return read_table(path, data_delimiter, column_names)
-
     def parse(self, table: Table, labelled: bool) -> Dataset:
         """Validate ``table`` and return the Dataset (``labelled``: read the target too)."""
         frame = table.frame

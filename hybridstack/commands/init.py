@@ -44,7 +44,7 @@ LABEL_NAMES = {"label", "labels", "target", "class", "y", "category", "sentiment
                "rating", "stance", "intent", "topic"}
 MAX_CLASSES = 50  # a column with more distinct values is not taken for a class label
 
-# Reference models (DESIGN.md) and the embedded fallback that ships with the package.
+# Reference models (docs/ARCHITECTURE.md) and the embedded fallback that ships with the package.
 REFERENCE_EMBED = ("intfloat/e5-small-v2", "query: ")  # e5 was trained with this prefix
 REFERENCE_FINETUNE = {"pairwise": "microsoft/deberta-v3-small",
                       "multiclass": "microsoft/deberta-v3-small",

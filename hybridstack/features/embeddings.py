@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from hybridstack.errors import HybridstackError
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.runs import read_json, write_bytes, write_json
+from hybridstack.tables import file_sha256
 from hybridstack.versions import library_versions
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def _fingerprint(folder: Path, files: tuple[Path, ...], stats: tuple[tuple[int, 
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(_file_sha256(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -96,14 +97,6 @@ def _model_files(folder: Path) -> Iterator[Path]:
         for name in files:
             if not name.endswith(_MODEL_DOC_SUFFIXES):
                 yield Path(root) / name
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_slug(name: str, folder: Path) -> str:
@@ -163,7 +156,7 @@ class Shard:
             size = path.stat().st_size
             if size != self.vectors_bytes:
                 raise CorruptShard(f"{size} bytes on disk, record says {self.vectors_bytes}")
-            if _file_sha256(path) != self.vectors_sha256:
+            if file_sha256(path) != self.vectors_sha256:
                 raise CorruptShard("checksum mismatch")
             vectors = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as err:

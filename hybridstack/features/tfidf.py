@@ -70,6 +70,19 @@ def build_tfidf(
     return TfidfFeatures(X, X_test, X_swap, X_test_swap, vectorizer)
 
 
+class TfidfFeaturizer:
+    """The fitted vectorizer and the pair fields: new rows -> (X, X_swap). Saved as the model
+    folder's ``featurizer.joblib``, so predict needs no tfidf code to featurise new text."""
+
+    def __init__(self, vectorizer: FeatureUnion, swap_fields: tuple[str, str] | None):
+        self.vectorizer = vectorizer
+        self.swap_fields = swap_fields
+
+    def transform(self, ds) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
+        """``ds``: a parsed :class:`~hybridstack.tasks.Dataset`."""
+        return transform_rows(self.vectorizer, ds.fields, self.swap_fields)
+
+
 def transform_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
                    swap_fields: tuple[str, str] | None) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
     """Features (and the swapped view, pairwise) of new rows with a fitted vectorizer."""

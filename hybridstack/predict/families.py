@@ -17,7 +17,6 @@ from typing import Any
 
 import joblib
 import numpy as np
-import scipy.sparse as sp
 from accelerate import Accelerator
 
 from hybridstack.errors import HybridstackError
@@ -29,13 +28,13 @@ from hybridstack.features.embed_matrix import (
 )
 from hybridstack.features.embeddings import EmbeddingCache
 from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap
-from hybridstack.features.tfidf import transform_rows
+from hybridstack.features.tfidf import TfidfFeaturizer
 from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import predict_views as predict_token_views
 from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
 from hybridstack.heads.base import predict_views
 from hybridstack.predict.source import RunContext
-from hybridstack.runs import ModelDir, read_json
+from hybridstack.runs import FEATURIZER_FILE, FOLD_MODEL_FILE, ModelDir, read_json
 from hybridstack.tasks import Dataset
 
 
@@ -65,47 +64,61 @@ def required_file(path: Path, model: ModelDir, hint: str) -> Path:
 
 def load_fold_heads(model: ModelDir, hint: str) -> list[Any]:
     """The fitted head of every trained fold (``fold_<k>/model.joblib``)."""
-    return [joblib.load(required_file(model.fold_dir(k) / "model.joblib", model, hint))
+    return [joblib.load(required_file(model.fold_dir(k) / FOLD_MODEL_FILE, model, hint))
             for k in trained_folds(model)]
 
 
-# -- tfidf -------------------------------------------------------------------------------------
+# -- models with a saved featurizer (tfidf, and any stage that saves one) -----------------------
 
 
-@dataclass
-class TfidfInputs:
-    X: sp.csr_matrix  # (n, d)
-    X_swap: sp.csr_matrix | None  # pairwise: A and B exchanged
+class SavedFeaturizer:
+    """A model folder's ``featurizer.joblib``: parsed rows -> (X, X_swap)."""
+
+    def __init__(self, model: ModelDir, featurizer: Any):
+        self.key = f"featurizer:{model.name}"
+        self.featurizer = featurizer
+
+    @property
+    def vectorizer(self) -> Any:  # TF-IDF models: for n-gram explanations
+        return self.featurizer.vectorizer
+
+    def transform(self, ds: Dataset) -> tuple[Any, Any | None]:
+        return self.featurizer.transform(ds)
 
 
-class TfidfFeaturizer:
-    """The model's own fitted vectorizer (``vectorizer.joblib``) applied to new rows."""
+class FeaturizedModel:
+    """A base model whose folder holds its featurizer and a joblib head per trained fold:
+    predicted with no code of the stage that made it."""
 
-    def __init__(self, model: ModelDir, ctx: RunContext, hint: str):
-        self.key = f"tfidf:{model.name}"
-        self.vectorizer = joblib.load(required_file(model.path / "vectorizer.joblib", model, hint))
-        self.swap_fields = ctx.task.swap_fields
-
-    def transform(self, ds: Dataset) -> TfidfInputs:
-        return TfidfInputs(*transform_rows(self.vectorizer, ds.fields, self.swap_fields))
-
-
-class TfidfModel:
-    """A tfidf-stage logistic regression: one LogRegHead per trained fold."""
-
-    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
-        hint = f"re-run `hybridstack run tfidf -c {ctx.rerun_hint}`"
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext,
+                 featurizer: Any | None = None):
+        hint = f"re-run its stage (`hybridstack run {config.get('stage')} -c {ctx.rerun_hint}`)"
         self.name = model.name
-        self.featurizer = TfidfFeaturizer(model, ctx, hint)
+        if featurizer is None:
+            featurizer = joblib.load(required_file(model.path / FEATURIZER_FILE, model, hint))
+        self.featurizer = SavedFeaturizer(model, featurizer)
         self.heads = load_fold_heads(model, hint)
-        tta = config["settings"]["tfidf"]["swap_tta"]
+        settings = config["settings"]
+        tta = settings.get("swap_tta", settings.get("tfidf", {}).get("swap_tta", True))
         self.permutation = ctx.task.swap_permutation if tta else None
 
-    def predict(self, inputs: TfidfInputs) -> np.ndarray:
+    def predict(self, views: tuple[Any, Any | None]) -> np.ndarray:
         """(n, C) float32 probabilities, mean over the fold models."""
-        swapped = inputs.X_swap if self.permutation is not None else None
-        return fold_average(predict_views(head, inputs.X, swapped, self.permutation)
+        X, X_swap = views
+        swapped = X_swap if self.permutation is not None else None
+        return fold_average(predict_views(head, X, swapped, self.permutation)
                             for head in self.heads)
+
+
+class TfidfModel(FeaturizedModel):
+    """A tfidf-stage logistic regression: explained by its n-grams."""
+
+
+def old_tfidf_featurizer(model: ModelDir, ctx: RunContext) -> TfidfFeaturizer:
+    """A run made before featurizer.joblib existed kept only its ``vectorizer.joblib``."""
+    hint = f"re-run `hybridstack run tfidf -c {ctx.rerun_hint}`"
+    vectorizer = joblib.load(required_file(model.path / "vectorizer.joblib", model, hint))
+    return TfidfFeaturizer(vectorizer, ctx.task.swap_fields)
 
 
 # -- embed -------------------------------------------------------------------------------------
@@ -270,7 +283,10 @@ def load_base_models(ctx: RunContext, names: list[str]) -> list[TfidfModel | Emb
         config = read_json(required_file(model.config_path, model, "re-run its stage"))
         stage = config.get("stage")
         if stage == "tfidf":
-            models.append(TfidfModel(model, config, ctx))
+            saved = None if (model.path / FEATURIZER_FILE).is_file() else old_tfidf_featurizer(model, ctx)
+            models.append(TfidfModel(model, config, ctx, saved))
+        elif (model.path / FEATURIZER_FILE).is_file():
+            models.append(FeaturizedModel(model, config, ctx))
         elif stage == "embed":
             settings = config["settings"]
             key = featurizer_key(settings["encoder_key"], settings["embed"]["length_features"],

@@ -13,12 +13,18 @@ from hybridstack.ensembles.inputs import StackInput, meta_features
 from hybridstack.ensembles.thresholds import apply_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.predict import explain
-from hybridstack.predict.families import EmbedModel, FinetuneModel, TfidfModel, load_base_models
+from hybridstack.predict.families import (
+    EmbedModel,
+    FeaturizedModel,
+    FinetuneModel,
+    TfidfModel,
+    load_base_models,
+)
 from hybridstack.predict.source import Rows, RunContext, open_run, parse_rows
 from hybridstack.runs import META_MODEL_FILE, THRESHOLDS_FILE, WEIGHTS_FILE, read_json
 from hybridstack.tasks import Dataset
 
-BaseModel = TfidfModel | EmbedModel | FinetuneModel
+BaseModel = FeaturizedModel | EmbedModel | FinetuneModel
 
 
 class Predictor:
@@ -159,7 +165,7 @@ class Predictor:
         for j in sorted({j for row in wanted for j in row}):
             rows = [i for i, row in enumerate(wanted) if j in row]
             if isinstance(model, TfidfModel):
-                entries = explain.ngram_contributions(model.heads, features.X[rows], j,
+                entries = explain.ngram_contributions(model.heads, features[0][rows], j,
                                                       self._ngram_names_of(model), top_k)
             else:
                 groups = explain.tree_feature_groups(model.blocks, self.label_names)

@@ -6,10 +6,10 @@ import logging
 
 from hybridstack.config import Config
 from hybridstack.experiment import Experiment
-from hybridstack.features.tfidf import load_or_build_matrix
+from hybridstack.features.tfidf import TfidfFeaturizer, load_or_build_matrix
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.logreg import LogRegHead
-from hybridstack.runs import write_joblib
+from hybridstack.runs import FEATURIZER_FILE, write_joblib
 from hybridstack.stages.common import (
     save_model_outputs,
     skip_if_done,
@@ -42,10 +42,12 @@ def run(exp: Experiment | Config) -> None:
                             augment=cfg.tfidf.swap_augment, tta=cfg.tfidf.swap_tta)
         result = fit_oof(head, features.X, exp.train.Y, exp.folds, features.X_test,
                          score=exp.task.score, swap=swap, store=FoldStore(model.path, config_hash))
-        # the vectorizer travels with the model so predict can featurise new text
-        write_joblib(model.path / "vectorizer.joblib", features.vectorizer)
+        # the featurizer travels with the model, so predict can featurise new text alone
+        write_joblib(model.path / FEATURIZER_FILE,
+                     TfidfFeaturizer(features.vectorizer, exp.task.swap_fields))
         settings = {"model": spec.model_dump(), "tfidf": cfg.tfidf.model_dump(mode="json",
-                                                                              exclude={"models"})}
+                                                                              exclude={"models"}),
+                    "swap_tta": cfg.tfidf.swap_tta}
         save_model_outputs(exp, model, result, settings, config_hash, stage="tfidf")
     write_best_submission(exp)
 
