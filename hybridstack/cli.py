@@ -20,12 +20,14 @@ from hybridstack.commands import (
     report,
     run,
     score,
+    serve,
     sweep,
+    ui,
 )
 from hybridstack.console import run_guarded, setup_logging
 
 # In the order `hybridstack --help` lists them.
-COMMANDS = (run, init, demo, sweep, compare, score, report, audit, cache, predict)
+COMMANDS = (run, init, demo, sweep, compare, score, report, audit, cache, predict, serve, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

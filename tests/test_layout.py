@@ -12,7 +12,7 @@ CORE = {"config", "tasks", "text", "folds", "experiment", "runs", "tables", "mod
         "errors", "synthetic", "recipes", "console"}
 # layer of each top-level part; a module may import its own layer and the ones below
 LAYERS = {**dict.fromkeys(CORE, 0), "features": 1, "heads": 2, "ensembles": 2, "finetune": 2,
-          "predict": 3, "stages": 3, "pipeline": 4, "commands": 5, "cli": 6, "__main__": 6,
+          "predict": 3, "stages": 3, "pipeline": 4, "commands": 5, "live": 5, "cli": 6, "__main__": 6,
           "__init__": 6}
 # parts of one layer that must not import each other
 FORBIDDEN = {("predict", "stages"), ("stages", "predict")}
