@@ -38,6 +38,17 @@ def run_in_tmp_path(tmp_path: Path, monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box they spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_config(tmp_path: Path):
     """``make_config(kind, n_train=120, n_test=40, **sections)`` -> (Config, path to its TOML)."""
 

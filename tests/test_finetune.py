@@ -150,13 +150,7 @@ def test_dropout_override_reaches_hidden_states_and_head(tiny_model):
 # -- training -----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """A tiny model gains nothing from threads, and on a shared 2-core box they spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 def _prior_log_loss(target: np.ndarray) -> float:

@@ -30,12 +30,7 @@ def hub_deberta(tmp_path_factory) -> Path:
     return write_tiny_deberta_v3(tmp_path_factory.mktemp("hub") / "deberta-v3-tiny", texts)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 def section(model: Path, **extra) -> dict:

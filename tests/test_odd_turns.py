@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
-import torch
 
 import hybridstack
 from hybridstack.commands.run import run_stage
@@ -48,7 +47,8 @@ def test_odd_turns_become_text_and_are_counted(caplog):
 
 def test_surrogates_in_plain_text_columns_are_replaced_too():
     task = MultilabelTask(TaskConfig(kind="multilabel", text_columns=["comment_text"]), CleanConfig())
-    frame = pd.DataFrame({"id": ["1"], "comment_text": [f"bad {LONE}{LONE} text"]})
+    # object dtype: pandas' Arrow strings (pyarrow installed) cannot hold lone surrogates
+    frame = pd.DataFrame({"id": ["1"], "comment_text": [f"bad {LONE}{LONE} text"]}, dtype=object)
     ds = task.parse(Table(frame, Path("test.csv"), 0), labelled=False)
     assert ds.fields["text"] == ["bad \ufffd\ufffd text"] and ds.stats["lone_surrogates"] == 2
 
@@ -58,12 +58,7 @@ def test_a_clean_table_counts_nothing_odd():
     assert not any(ds.stats.get(k) for k in ("lone_surrogates", "turns_bool", "turns_null"))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 def test_odd_rows_pass_every_stage_and_predict(tmp_path):
@@ -101,3 +96,5 @@ def test_odd_rows_pass_every_stage_and_predict(tmp_path):
            "response_b": json.dumps([7, None])}
     proba = predictor.predict_proba([row])
     assert proba.shape == (1, 3) and np.isclose(proba.sum(), 1.0, atol=1e-5)
+    raw = {"prompt": [f"a {LONE} b"], "response_a": [f"plain {LONE}", None], "response_b": ["x"]}
+    assert predictor.predict_proba([raw]).shape == (1, 3)  # Python lists, unescaped

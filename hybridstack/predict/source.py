@@ -23,6 +23,7 @@ from hybridstack.experiment import deduplicate, snapshot_config_of
 from hybridstack.runs import ExperimentDir, read_json
 from hybridstack.tables import Table, file_sha256, read_table, require_columns
 from hybridstack.tasks import Dataset, Task, make_task
+from hybridstack.text import replace_lone_surrogates
 
 Rows = pd.DataFrame | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
@@ -104,25 +105,29 @@ def open_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> RunCon
 
 
 def _cell(value: Any) -> str:
-    """One input cell as the text a CSV would hold: None/NaN -> "", a list of turns -> JSON."""
+    """One input cell as the text a CSV would hold: None/NaN -> "", a list of turns -> JSON.
+
+    Lone surrogates become U+FFFD here already: pandas' Arrow-backed strings (pandas 3 with
+    pyarrow installed) cannot hold them. In a list of turns JSON escapes them instead, and
+    parsing counts them as it does for a CSV.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value))
-    return str(value)
+    return replace_lone_surrogates(str(value))[0]
 
 
 def rows_frame(rows: Rows) -> pd.DataFrame:
     """A DataFrame of str cells from a DataFrame, one dict, or an iterable of dicts."""
     if isinstance(rows, pd.DataFrame):
-        frame = rows.reset_index(drop=True)
-    elif isinstance(rows, Mapping):
-        frame = pd.DataFrame([rows])
+        frame = rows.reset_index(drop=True).map(_cell)
     else:
-        frame = pd.DataFrame(list(rows))
+        # cells are made text before pandas sees them (see _cell)
+        records = [rows] if isinstance(rows, Mapping) else list(rows)
+        frame = pd.DataFrame([{k: _cell(v) for k, v in row.items()} for row in records])
     if frame.empty:
         raise HybridstackError("no rows to predict: give at least one row")
-    frame = frame.map(_cell)
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
