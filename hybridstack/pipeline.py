@@ -9,14 +9,12 @@ snapshot the parent writes, instead of re-reading the inputs.
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from hybridstack.config import Config, load_config
 from hybridstack.experiment import Experiment, open_experiment, save_snapshot
-from hybridstack.finetune.launch import check_devices
 from hybridstack.stages import STAGE_ORDER
 
 SNAPSHOT_FILE = ".experiment.joblib"  # in the run folder while a multi-process stage runs
@@ -34,6 +32,8 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] = STAGE_ORDER, num_process
     stages are then not run) and the experiment.
     """
     if num_processes > 1:
+        from hybridstack.finetune.launch import check_devices  # torch: only when needed
+
         check_devices(num_processes, cpu)  # before any work, not after the first stages
     exp = open_experiment(cfg)
     for name in stages:
@@ -68,15 +68,14 @@ def launch_command(snapshot: Path, num_processes: int) -> list[str]:
 
 def launch_multiprocess(exp: Experiment, num_processes: int, cpu: bool = False) -> int:
     """Run the finetune stage on ``exp`` in ``num_processes`` data-parallel processes."""
+    from hybridstack.finetune.launch import check_devices, worker_env
+
     check_devices(num_processes, cpu)
     snapshot = exp.dir.path / SNAPSHOT_FILE
     save_snapshot(exp, snapshot)
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = worker_env(num_processes, cpu)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-        # N processes share the cores: one BLAS pool each avoids oversubscription
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     try:
         code = subprocess.run(launch_command(snapshot, num_processes), env=env).returncode
     finally:

@@ -1,4 +1,5 @@
-"""How many data-parallel processes this machine can run (GPUs, or CPU cores with ``cpu``).
+"""How many data-parallel processes this machine can run (GPUs, or CPU cores with ``cpu``),
+and the environment each one starts with.
 
 The processes themselves are started by :mod:`hybridstack.pipeline` (the fine-tune) and
 :mod:`hybridstack.predict.batch` (prediction split over GPUs).
@@ -31,3 +32,15 @@ def check_devices(num_processes: int, cpu: bool) -> None:
             f"--num-processes {num_processes}: only {gpus} GPU(s) visible; use --num-processes "
             f"{max(gpus, 1)}{'' if gpus else ' (or add --cpu to run CPU processes)'}"
         )
+
+
+def worker_env(num_processes: int, cpu: bool) -> dict[str, str]:
+    """The environment of one of ``num_processes`` worker processes.
+
+    On a CPU the processes share the cores: one BLAS pool each avoids oversubscription.
+    """
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cpu:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    return env

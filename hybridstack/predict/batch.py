@@ -9,7 +9,6 @@ half written. Nothing is written under the run folder or its workdir.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -155,7 +154,7 @@ def predict_file_in_processes(run_dir: Path, input_path: Path, output_path: Path
     its own ``hybridstack predict`` process (one GPU each, or CPU with ``cpu``), and merge
     the parts in input order. Rows are scored independently, so the result is the
     one-process result (up to the batch composition of the GPU kernels)."""
-    from hybridstack.finetune.launch import check_devices
+    from hybridstack.finetune.launch import check_devices  # torch: only when needed
 
     check_devices(num_processes, cpu)
     frame = read_table(input_path).frame
@@ -195,11 +194,10 @@ def predict_file_in_processes(run_dir: Path, input_path: Path, output_path: Path
 
 def _device_env(k: int, num_processes: int, cpu: bool) -> dict[str, str]:
     """Process ``k``'s environment: the k-th visible GPU, or a share of the CPU cores."""
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hybridstack.finetune.launch import worker_env
+    env = worker_env(num_processes, cpu)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     else:
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         env["CUDA_VISIBLE_DEVICES"] = visible[k] if visible else str(k)
