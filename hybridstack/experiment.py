@@ -56,6 +56,12 @@ class Experiment:
         blob = self.fingerprint + self.cfg.section_hash(*sections)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def settings_hash(self, settings: dict) -> str:
+        """What one model's DONE marker records: the data fingerprint + that model's own
+        settings (so adding or changing one model never refits another)."""
+        blob = self.fingerprint + json.dumps(settings, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def snapshot_config(self) -> None:
         """Write config.toml: called when a stage saves outputs, so the snapshot is always the
         config that produced the latest model (a stage that fails later leaves it untouched)."""

@@ -59,6 +59,18 @@ def test_second_run_is_skipped_and_new_C_reuses_matrix(make_config, capsys):
     assert [m.stat().st_mtime_ns for m in (cfg.workdir / "cache" / "features").glob("tfidf_*.joblib")] == [matrix_mtime]
 
 
+def test_adding_a_second_tfidf_model_refits_only_it(make_config, capsys):
+    cfg, path = make_config("multiclass", n_train=120, n_test=20)
+    assert main(["run", "tfidf", "-c", str(path)]) == 0
+    first = ExperimentDir(cfg.run_dir).model("tfidf_logreg")
+    before = first.oof_path.stat().st_mtime_ns
+    both = "tfidf.models=[{name='tfidf_logreg'}, {name='tfidf_logreg_c4', C=4.0}]"
+    assert main(["run", "tfidf", "-c", str(path), "--set", both]) == 0
+    out = capsys.readouterr().out
+    assert first.oof_path.stat().st_mtime_ns == before  # the first model is kept as it was
+    assert "tfidf_logreg_c4: CV" in out and ExperimentDir(cfg.run_dir).model("tfidf_logreg_c4").is_done()
+
+
 def test_pairwise_prompt_never_in_two_folds(make_config):
     cfg, path = make_config("pairwise", n_train=150, n_test=10)
     assert main(["run", "tfidf", "-c", str(path)]) == 0

@@ -21,9 +21,13 @@ from hybridstack.versions import library_versions
 
 log = logging.getLogger(__name__)
 
-def skip_if_done(model: ModelDir, config_hash: str) -> bool:
-    """True (and logs) when ``model`` is DONE for this exact config; else clears a stale DONE."""
-    if model.is_done(config_hash):
+def skip_if_done(model: ModelDir, config_hash: str, *, older_hash: str | None = None) -> bool:
+    """True (and logs) when ``model`` is DONE for this exact config; else clears a stale DONE.
+
+    ``older_hash``: what an older hybridstack wrote for the same settings. Such a DONE is
+    kept as it is (the stack recorded it), so an upgrade neither refits nor breaks predict.
+    """
+    if model.is_done(config_hash) or (older_hash is not None and model.is_done(older_hash)):
         log.info("%s: DONE with the same config, skipped", model.name)
         return True
     model.clear_done()

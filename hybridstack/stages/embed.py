@@ -8,8 +8,6 @@ entry is one model folder ``<alias>_<name>``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -95,8 +93,7 @@ def head_config_hash(exp: Experiment, cache: EmbeddingCache, spec: Any) -> str:
     settings = {"embed": embed,
                 "encoder": cache.key, "head": type(spec).__name__, "spec": spec.model_dump(),
                 "layout": FEATURE_LAYOUT}
-    blob = exp.fingerprint + json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return exp.settings_hash(settings)
 
 
 def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,

@@ -8,8 +8,6 @@ Run data-parallel with ``hybridstack run finetune -c cfg.toml --num-processes N`
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 
@@ -71,8 +69,7 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
         settings["num_processes"] = num_processes
     if not with_precision:
         settings.pop("mixed_precision")
-    blob = exp.fingerprint + json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return exp.settings_hash(settings)
 
 
 def run(exp: Experiment | Config) -> None:

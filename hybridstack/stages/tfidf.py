@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hybridstack.config import Config
+from hybridstack.config import Config, LogRegModel
 from hybridstack.experiment import Experiment
 from hybridstack.features.tfidf import TfidfFeaturizer, load_or_build_matrix
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
@@ -20,6 +20,23 @@ from hybridstack.stages.common import (
 
 log = logging.getLogger(__name__)
 
+
+def model_settings(cfg: Config, spec: LogRegModel) -> dict:
+    """One model's own settings: the shared [tfidf] featurisation + its [[tfidf.models]] entry."""
+    return {"model": spec.model_dump(mode="json"),
+            "tfidf": cfg.tfidf.model_dump(mode="json", exclude={"models"})}
+
+
+def model_config_hash(exp: Experiment, spec: LogRegModel) -> str:
+    """Covers only this model's settings, so adding a second model never refits the first."""
+    return exp.settings_hash(model_settings(exp.cfg, spec))
+
+
+def hash_before_layout(exp: Experiment, spec: LogRegModel) -> str:
+    """The DONE an older hybridstack wrote: the whole [tfidf] section + the model's name."""
+    return exp.stage_hash("tfidf") + spec.name
+
+
 def run(exp: Experiment | Config) -> None:
     exp = stage_experiment(exp, "tfidf")
     if exp is None:
@@ -28,8 +45,8 @@ def run(exp: Experiment | Config) -> None:
     features = None
     for spec in cfg.tfidf.models:
         model = exp.dir.model(spec.name)
-        config_hash = exp.stage_hash("tfidf") + spec.name
-        if skip_if_done(model, config_hash):
+        config_hash = model_config_hash(exp, spec)
+        if skip_if_done(model, config_hash, older_hash=hash_before_layout(exp, spec)):
             continue
         if features is None:
             features = load_or_build_matrix(exp)
@@ -45,9 +62,7 @@ def run(exp: Experiment | Config) -> None:
         # the featurizer travels with the model, so predict can featurise new text alone
         write_joblib(model.path / FEATURIZER_FILE,
                      TfidfFeaturizer(features.vectorizer, exp.task.swap_fields))
-        settings = {"model": spec.model_dump(), "tfidf": cfg.tfidf.model_dump(mode="json",
-                                                                              exclude={"models"}),
-                    "swap_tta": cfg.tfidf.swap_tta}
+        settings = {**model_settings(cfg, spec), "swap_tta": cfg.tfidf.swap_tta}
         save_model_outputs(exp, model, result, settings, config_hash, stage="tfidf")
     write_best_submission(exp)
 
