@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from hybridstack.ensembles.inputs import StackInput
+from hybridstack.heads.per_label import fit_per_label, fitted_models, predict_per_label
 
 # Inverse regularisation strengths tried by the inner CV of the logistic meta-model.
 LOGREG_CS = np.logspace(-3, 2, 11)
@@ -41,10 +42,12 @@ _LGBM_MAX_ROUNDS = 1000
 _LGBM_EARLY_STOP = 50
 
 
-def _too_few(y: np.ndarray, inner_folds: int) -> bool:
+def _cross_validatable(inner_folds: int):
     """A label whose rarer class has fewer rows than inner folds cannot be cross-validated."""
-    positives = int((y > 0.5).sum())
-    return min(positives, len(y) - positives) < inner_folds
+    def enough(y: np.ndarray) -> bool:
+        positives = int((y > 0.5).sum())
+        return min(positives, len(y) - positives) >= inner_folds
+    return enough
 
 
 def _model_shares(importance: np.ndarray, n_models: int, n_classes: int) -> list[float]:
@@ -56,10 +59,8 @@ def _model_shares(importance: np.ndarray, n_models: int, n_classes: int) -> list
 
 def _fitted_models(meta: Any) -> list:
     """The fitted model(s) of a meta-model: ``model_``, or the per-label ``models_`` that are not
-    constant rates (a label with one class in the training rows is a float)."""
-    if hasattr(meta, "model_"):
-        return [meta.model_]
-    return [m for m in meta.models_ if not isinstance(m, float)]
+    constant rates."""
+    return [meta.model_] if hasattr(meta, "model_") else fitted_models(meta.models_)
 
 
 class LogRegMeta(BaseEstimator):
@@ -91,9 +92,9 @@ class LogRegMeta(BaseEstimator):
         # BLAS threads on a few dozen columns only fight over the cores (16x slower on 2 busy ones)
         with threadpool_limits(limits=1):
             if X.multilabel:
-                self.models_ = [float(Y[:, j].mean()) if _too_few(Y[:, j], self.inner_folds)
-                                else self._model("roc_auc").fit(features, Y[:, j])
-                                for j in range(Y.shape[1])]
+                self.models_ = fit_per_label(
+                    Y, lambda j: self._model("roc_auc").fit(features, Y[:, j]),
+                    _cross_validatable(self.inner_folds))
             else:
                 self.model_ = self._model("neg_log_loss").fit(features, Y.argmax(axis=1))
         return self
@@ -102,9 +103,7 @@ class LogRegMeta(BaseEstimator):
         """(n, C) float32 probabilities."""
         features = X.flat_logits()
         if X.multilabel:
-            return np.column_stack([
-                np.full(len(X), m) if isinstance(m, float) else m.predict_proba(features)[:, 1]
-                for m in self.models_]).astype(np.float32)
+            return predict_per_label(self.models_, lambda m: m.predict_proba(features)[:, 1], len(X))
         proba = np.zeros((len(X), self.n_classes_), dtype=np.float32)
         proba[:, self.model_.classes_] = self.model_.predict_proba(features)  # absent classes stay 0
         return proba
@@ -158,9 +157,8 @@ class LGBMMeta(BaseEstimator):
         self.n_models_, self.n_classes_ = X.n_models, X.n_classes
         if X.multilabel:
             binary = {"objective": "binary", "metric": "auc"}
-            self.models_ = [float(Y[:, j].mean()) if _too_few(Y[:, j], self.inner_folds)
-                            else self._train(features, Y[:, j], binary)
-                            for j in range(Y.shape[1])]
+            self.models_ = fit_per_label(Y, lambda j: self._train(features, Y[:, j], binary),
+                                         _cross_validatable(self.inner_folds))
         else:
             multiclass = {"objective": "multiclass", "num_class": X.n_classes,
                           "metric": "multi_logloss"}
@@ -171,9 +169,7 @@ class LGBMMeta(BaseEstimator):
         """(n, C) float32 probabilities."""
         features = self._features(X)
         if X.multilabel:
-            return np.column_stack([
-                np.full(len(X), m) if isinstance(m, float) else m.predict(features)
-                for m in self.models_]).astype(np.float32)
+            return predict_per_label(self.models_, lambda m: m.predict(features), len(X))
         return self.model_.predict(features).astype(np.float32)
 
     def summary(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from hybridstack.heads.per_label import fit_per_label, predict_per_label
+
 
 class LightGBMHead(BaseEstimator):
     """Gradient-boosted trees on dense features.
@@ -78,10 +80,8 @@ class LightGBMHead(BaseEstimator):
         """
         self.n_classes_ = Y.shape[1]
         if self.multilabel:
-            self.boosters_ = [
-                self._fit_binary(X, Y[:, j], X_val, None if Y_val is None else Y_val[:, j])
-                for j in range(self.n_classes_)
-            ]
+            self.boosters_ = fit_per_label(Y, lambda j: self._train(
+                {"objective": "binary"}, X, Y[:, j], X_val, None if Y_val is None else Y_val[:, j]))
         else:
             objective = {"objective": "multiclass", "num_class": self.n_classes_}
             y_val = None if Y_val is None else Y_val.argmax(axis=1)
@@ -89,12 +89,6 @@ class LightGBMHead(BaseEstimator):
         rounds = [self._rounds(b) for b in self.boosters_ if isinstance(b, lgb.Booster)]
         self.best_iteration_ = int(round(np.mean(rounds))) if rounds else 0
         return self
-
-    def _fit_binary(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None,
-                    y_val: np.ndarray | None) -> lgb.Booster | float:
-        if len(np.unique(y)) < 2:  # a label absent from this fold: predict its constant rate
-            return float(y.mean())
-        return self._train({"objective": "binary"}, X, y, X_val, y_val)
 
     def _rounds(self, booster: lgb.Booster) -> int:
         # best_iteration is 0 when training ran without a validation set
@@ -105,8 +99,5 @@ class LightGBMHead(BaseEstimator):
         if not self.multilabel:
             booster = self.boosters_[0]
             return booster.predict(X, num_iteration=self._rounds(booster)).astype(np.float32)
-        columns = [
-            np.full(len(X), b) if isinstance(b, float) else b.predict(X, num_iteration=self._rounds(b))
-            for b in self.boosters_
-        ]
-        return np.column_stack(columns).astype(np.float32)
+        return predict_per_label(self.boosters_, lambda b: b.predict(X, num_iteration=self._rounds(b)),
+                                 len(X))

@@ -6,6 +6,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
 
+from hybridstack.heads.per_label import fit_per_label, predict_per_label
+
 
 class LogRegHead(BaseEstimator):
     """Logistic regression on (sparse) features.
@@ -32,25 +34,16 @@ class LogRegHead(BaseEstimator):
         self.n_classes_ = Y.shape[1]
         if self.multilabel:
             # liblinear is the fastest exact solver for one binary problem on sparse text
-            self.models_ = [self._fit_binary(X, Y[:, j]) for j in range(Y.shape[1])]
+            self.models_ = fit_per_label(Y, lambda j: self._model("liblinear").fit(X, Y[:, j]))
         else:
             y = Y.argmax(axis=1)
             self.model_ = self._model("lbfgs").fit(X, y)
             self.classes_ = self.model_.classes_
         return self
 
-    def _fit_binary(self, X, y: np.ndarray):
-        if len(np.unique(y)) < 2:  # a label absent from this fold: predict its constant rate
-            return float(y.mean())
-        return self._model("liblinear").fit(X, y)
-
     def predict_proba(self, X) -> np.ndarray:
         if self.multilabel:
-            columns = [
-                np.full(X.shape[0], m) if isinstance(m, float) else m.predict_proba(X)[:, 1]
-                for m in self.models_
-            ]
-            return np.column_stack(columns).astype(np.float32)
+            return predict_per_label(self.models_, lambda m: m.predict_proba(X)[:, 1], X.shape[0])
         proba = np.zeros((X.shape[0], self.n_classes_), dtype=np.float32)
         # classes missing from a training fold keep probability 0
         proba[:, self.classes_] = self.model_.predict_proba(X)
