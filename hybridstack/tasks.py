@@ -11,7 +11,9 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,25 @@ from hybridstack.text import clean_text, replace_lone_surrogates
 log = logging.getLogger(__name__)
 
 PROB_EPS = 1e-7  # clip for log loss, as Kaggle does (1e-15 makes one bad row dominate)
+
+
+# -- the pairwise swap view: every model's augmentation and test-time averaging -----------
+
+
+def swapped_targets(Y: np.ndarray, permutation: list[int]) -> np.ndarray:
+    """The targets of the A/B-swapped rows (``winner_a`` becomes ``winner_b``)."""
+    return Y[:, permutation]
+
+
+def average_with_swapped(predict: Callable[[Any], np.ndarray], view: Any,
+                         swapped_view: Any | None, permutation: list[int] | None) -> np.ndarray:
+    """Swap TTA: ``predict(view)`` averaged with ``predict(swapped_view)`` mapped back through
+    ``permutation``; just ``predict(view)`` without a swapped view. float32."""
+    pred = np.asarray(predict(view), dtype=np.float32)
+    if swapped_view is not None and permutation is not None:
+        swapped = np.asarray(predict(swapped_view), dtype=np.float32)
+        pred = (pred + swapped[:, permutation]) / 2
+    return pred
 
 
 @dataclass

@@ -42,7 +42,7 @@ from hybridstack.finetune.model import (
     optimizer_groups,
     probabilities,
 )
-from hybridstack.tasks import Task
+from hybridstack.tasks import Task, average_with_swapped
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +261,6 @@ def predict_views(accelerator: Accelerator, model, views: list[EncodedRows],
                   permutation: list[int] | None, tokenizer, batch_size: int,
                   multilabel: bool) -> np.ndarray:
     """Predict the original view, averaged with the swapped view (columns mapped back) if any."""
-    pred = predict(accelerator, model, views[0], tokenizer, batch_size, multilabel)
-    if len(views) > 1:
-        swapped = predict(accelerator, model, views[1], tokenizer, batch_size, multilabel)
-        pred = (pred + swapped[:, permutation]) / 2
-    return pred.astype(np.float32)
+    return average_with_swapped(
+        lambda view: predict(accelerator, model, view, tokenizer, batch_size, multilabel),
+        views[0], views[1] if len(views) > 1 else None, permutation)

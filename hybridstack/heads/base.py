@@ -22,6 +22,7 @@ from sklearn.base import clone
 
 from hybridstack.folds import fold_rows
 from hybridstack.runs import write_joblib, write_with
+from hybridstack.tasks import average_with_swapped, swapped_targets
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,7 @@ def _stack(a: Any, b: Any) -> Any:
 
 def predict_views(head: Head, X: Any, X_swapped: Any | None, permutation: list[int] | None) -> np.ndarray:
     """Predict, averaging with the swapped view (columns permuted back) when given."""
-    pred = head.predict_proba(X).astype(np.float32)
-    if X_swapped is not None and permutation is not None:
-        pred = (pred + head.predict_proba(X_swapped).astype(np.float32)[:, permutation]) / 2
-    return pred
+    return average_with_swapped(head.predict_proba, X, X_swapped, permutation)
 
 
 def fit_oof(
@@ -163,7 +161,7 @@ def fit_oof(
             X_fit, Y_fit = _rows(X, train_rows), Y[train_rows]
             if swap is not None and swap.augment:
                 X_fit = _stack(X_fit, _rows(swap.X, train_rows))
-                Y_fit = np.concatenate([Y_fit, Y_fit[:, swap.permutation]])
+                Y_fit = np.concatenate([Y_fit, swapped_targets(Y_fit, swap.permutation)])
             model = clone(head)
             model.fit(X_fit, Y_fit, _rows(X, valid_rows), Y[valid_rows])
             use_tta = swap is not None and swap.tta

@@ -32,6 +32,7 @@ from hybridstack.stages.common import (
     stage_main,
     write_best_submission,
 )
+from hybridstack.tasks import swapped_targets
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
     targets = Y[train_rows]
     if ft.swap_augment and views["train_swapped"] is not None:
         ids += [views["train_swapped"][i] for i in train_rows]
-        targets = np.concatenate([targets, targets[:, task.swap_permutation]])
+        targets = np.concatenate([targets, swapped_targets(targets, task.swap_permutation)])
     tta = ft.swap_tta and views["train_swapped"] is not None
     valid_views = [EncodedRows([views["train"][i] for i in valid_rows])]
     test_views = None if views["test"] is None else [EncodedRows(views["test"])]
