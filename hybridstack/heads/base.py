@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +56,46 @@ class OOFResult:
     fold_scores: dict[int, float]
     fold_info: dict[int, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def fold_average(preds: Iterable[np.ndarray]) -> np.ndarray:
+    """(n, C) float32 mean of the fold models' predictions, summed in float64: the test
+    prediction of every model, at training and at predict time alike."""
+    total, n_folds = None, 0
+    for pred in preds:
+        total = pred.astype(np.float64) if total is None else total + pred
+        n_folds += 1
+    return (total / n_folds).astype(np.float32)
+
+
+class OOFAccumulator:
+    """Gathers each fold's held-out and test predictions into an :class:`OOFResult`.
+
+    OOF rows of folds never added stay NaN; the test prediction is the fold average.
+    """
+
+    def __init__(self, Y: np.ndarray, folds: np.ndarray,
+                 score: Callable[[np.ndarray, np.ndarray], float]):
+        self.Y, self.folds, self.score = Y, folds, score
+        self.oof = np.full(Y.shape, np.nan, dtype=np.float32)
+        self.test_preds: list[np.ndarray] = []
+        self.fold_scores: dict[int, float] = {}
+        self.fold_info: dict[int, dict[str, Any]] = {}
+
+    def add(self, k: int, valid_pred: np.ndarray, test_pred: np.ndarray | None,
+            info: dict[str, Any]) -> float:
+        """Record fold ``k``; returns its score on its held-out rows."""
+        _, valid_rows = fold_rows(self.folds, k)
+        self.oof[valid_rows] = valid_pred
+        if test_pred is not None:
+            self.test_preds.append(test_pred)
+        self.fold_scores[k] = self.score(self.Y[valid_rows], valid_pred)
+        self.fold_info[k] = info
+        return self.fold_scores[k]
+
+    def result(self, seconds: float) -> OOFResult:
+        test_pred = fold_average(self.test_preds) if self.test_preds else None
+        return OOFResult(self.oof, test_pred, self.fold_scores, self.fold_info, seconds)
 
 
 class FoldStore:
@@ -143,11 +183,7 @@ def fit_oof(
     OOFResult with OOF rows of each held-out fold filled, test predictions
     averaged over the fold models, and per-fold scores.
     """
-    n_classes = Y.shape[1]
-    oof = np.full((len(Y), n_classes), np.nan, dtype=np.float32)
-    test_sum = None
-    fold_scores: dict[int, float] = {}
-    fold_info: dict[int, dict[str, Any]] = {}
+    folds_done = OOFAccumulator(Y, folds, score)
     started = time.perf_counter()
     run_folds = sorted(set(folds.tolist())) if only_folds is None else sorted(only_folds)
     for k in run_folds:
@@ -180,11 +216,6 @@ def fit_oof(
                     "best_iteration": getattr(model, "best_iteration_", None)}
             if store is not None:
                 store.save(k, model, valid_pred, test_pred, info)
-        oof[valid_rows] = valid_pred
-        if test_pred is not None:
-            test_sum = test_pred.astype(np.float64) if test_sum is None else test_sum + test_pred
-        fold_scores[k] = score(Y[valid_rows], valid_pred)
-        fold_info[k] = info
-        log.info("fold %d: score %.5f (%.1fs)", k, fold_scores[k], info.get("seconds", 0.0))
-    test_mean = None if test_sum is None else (test_sum / len(run_folds)).astype(np.float32)
-    return OOFResult(oof, test_mean, fold_scores, fold_info, time.perf_counter() - started)
+        fold_score = folds_done.add(k, valid_pred, test_pred, info)
+        log.info("fold %d: score %.5f (%.1fs)", k, fold_score, info.get("seconds", 0.0))
+    return folds_done.result(time.perf_counter() - started)

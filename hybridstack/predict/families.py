@@ -10,7 +10,6 @@ the saved settings, and the fold average of :func:`~hybridstack.heads.base.fit_o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,10 @@ from hybridstack.features.tfidf import TfidfFeaturizer
 from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import predict_views as predict_token_views
 from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
-from hybridstack.heads.base import predict_views
+from hybridstack.heads.base import fold_average, predict_views
 from hybridstack.predict.source import RunContext
 from hybridstack.runs import FEATURIZER_FILE, FOLD_MODEL_FILE, ModelDir, read_json
 from hybridstack.tasks import Dataset
-
-
-def fold_average(preds: Iterable[np.ndarray]) -> np.ndarray:
-    """(n, C) float32 mean of the fold models' predictions, summed in float64 like fit_oof."""
-    total, n_folds = None, 0
-    for pred in preds:
-        total = pred.astype(np.float64) if total is None else total + pred
-        n_folds += 1
-    return (total / n_folds).astype(np.float32)
 
 
 def trained_folds(model: ModelDir) -> list[int]:

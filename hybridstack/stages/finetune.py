@@ -22,7 +22,7 @@ from hybridstack.finetune.data import EncodedRows, Renderer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
 from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
 from hybridstack.folds import fold_rows
-from hybridstack.heads.base import FoldStore, OOFResult
+from hybridstack.heads.base import FoldStore, OOFAccumulator, OOFResult
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.runs import ModelDir, write_json
 from hybridstack.stages.common import (
@@ -163,10 +163,9 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
     """
     store = FoldStore(model_dir.path, fold_hash)
     resume_hash = fold_config_hash(exp, accelerator.num_processes)
-    oof = np.full(exp.train.Y.shape, np.nan, dtype=np.float32)
-    test_sum, fold_scores, fold_info, seconds = None, {}, {}, 0.0
+    folds_done = OOFAccumulator(exp.train.Y, exp.folds, exp.task.score)
+    seconds = 0.0
     for k in run_folds:
-        _, valid_rows = fold_rows(exp.folds, k)
         saved = store.load(k)
         if saved is not None:
             log.info("fold %d: finished earlier, loaded from %s", k, model_dir.fold_dir(k))
@@ -178,17 +177,13 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
             if accelerator.is_main_process:
                 save_fold_predictions(store, k, outcome)
             FoldCheckpoints(accelerator, model_dir.fold_dir(k), resume_hash).clear_last()
-        oof[valid_rows] = outcome.valid_pred
-        if outcome.test_pred is not None:
-            test_sum = outcome.test_pred.astype(np.float64) + (0 if test_sum is None else test_sum)
-        fold_scores[k] = exp.task.score(exp.train.Y[valid_rows], outcome.valid_pred)
-        fold_info[k] = {"seconds": outcome.info["seconds"],
-                        "best_iteration": outcome.info["best_iteration"]}
+        fold_score = folds_done.add(k, outcome.valid_pred, outcome.test_pred,
+                                    {"seconds": outcome.info["seconds"],
+                                     "best_iteration": outcome.info["best_iteration"]})
         seconds += outcome.info["seconds"]
-        log.info("fold %d: %s %.5f (best epoch %d)", k, exp.task.metric_name, fold_scores[k],
+        log.info("fold %d: %s %.5f (best epoch %d)", k, exp.task.metric_name, fold_score,
                  outcome.info["best_iteration"])
-    test_pred = None if test_sum is None else (test_sum / len(run_folds)).astype(np.float32)
-    return OOFResult(oof, test_pred, fold_scores, fold_info, seconds)
+    return folds_done.result(seconds)
 
 
 def save_fold_predictions(store: FoldStore, fold: int, outcome: FoldOutcome) -> None:
