@@ -149,7 +149,8 @@ def open_text(path: str | Path) -> Iterator[TextIO]:
     For streaming readers: ``with open_text(p) as fh: pd.read_csv(fh, chunksize=...)``.
     """
     with open_data(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        # bad bytes become U+FFFD and are counted (read_table reports them)
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="hybridstack_count", newline="")
         try:
             yield text
         finally:
@@ -193,22 +194,14 @@ def read_first_line(path: str | Path, max_bytes: int = 1 << 20) -> str:
     return decoder.decode(line, final=end >= 0 or len(head) < max_bytes)
 
 
-def _read_bytes(path: Path) -> tuple[bytes, Path]:
-    """All decompressed bytes, and the name whose extension tells the delimiter.
-
-    That is ``path`` itself, except for a zip without an inner extension in its own name
-    (``train.zip``): then the member's name (``train.tsv``).
-    """
-    kind = compression_of(path)
-    if kind is None:
-        return path.read_bytes(), path
+def _inner_name(path: Path) -> Path:
+    """The name whose extension tells the delimiter: ``path`` itself, except for a zip
+    without an inner extension in its own name (``train.zip``): its member's name."""
+    if compression_of(path) != "zip" or data_suffix(path):
+        return path
     try:
-        if kind == "gzip":
-            with gzip.open(path, "rb") as fh:
-                return fh.read(), path
         with zipfile.ZipFile(path) as archive:
-            member = _zip_member(archive, path)
-            return archive.read(member), path if data_suffix(path) else Path(member.filename)
+            return Path(_zip_member(archive, path).filename)
     except _BROKEN as err:
         raise _broken(path, err) from None
 
@@ -225,48 +218,78 @@ def guess_delimiter(path: Path, first_line: str) -> str:
     return ","
 
 
+def iter_table(
+    path: str | Path,
+    delimiter: str | None = None,
+    column_names: list[str] | None = None,
+    *,
+    chunk_rows: int | None = None,
+    nrows: int | None = None,
+    names_from: str = "data.column_names",
+    hint: str = "check data.delimiter",
+) -> Iterator[pd.DataFrame]:
+    """The one CSV/TSV parser: every cell a ``str``, missing cells "" (NaN text is kept as ""
+    and counted later, never the string "nan").
+
+    Reads plain, ``.zip`` and ``.gz`` files as a stream (see :func:`open_data`); the header
+    is the first line unless ``column_names`` (which ``names_from`` names in errors) name
+    every field; the delimiter is given or follows the (inner) file name or the header.
+    Yields the whole table as one frame, or chunks of ``chunk_rows`` rows; at most ``nrows``.
+    A file without rows, or one pandas cannot parse, is one error line ending in ``hint``.
+    """
+    path = Path(path)
+    try:
+        first_line = read_first_line(path)
+    except FileNotFoundError:
+        raise HybridstackError(f"file not found: {path} (check the path in the config)") from None
+    except OSError as err:
+        raise HybridstackError(f"cannot read {path}: {err.strerror}") from None
+    if not first_line.strip():
+        raise HybridstackError(f"{path} is empty or starts with a blank line: it needs a header "
+                               "line and at least one row")
+    sep = delimiter or guess_delimiter(_inner_name(path), first_line)
+    n_rows = 0
+    try:
+        with open_text(path) as fh:
+            parsed = pd.read_csv(fh, sep=sep, dtype=str, keep_default_na=False,
+                                 header=None if column_names else "infer",
+                                 chunksize=chunk_rows, nrows=nrows)
+            # the chunk reader reads from fh, which open_text closes
+            for frame in [parsed] if chunk_rows is None else parsed:
+                n_rows += len(frame)
+                yield _named_columns(frame, path, column_names, names_from)
+    except pd.errors.EmptyDataError:
+        raise HybridstackError(f"{path} has no rows") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        raise HybridstackError(
+            f"{path}: cannot parse as delimited text ({one_line(err)}); {hint}") from None
+    if n_rows == 0:
+        raise HybridstackError(f"{path} has a header but no rows")
+
+
+def _named_columns(frame: pd.DataFrame, path: Path, column_names: list[str] | None,
+                   names_from: str) -> pd.DataFrame:
+    if column_names is not None and len(column_names) < frame.shape[1]:
+        raise HybridstackError(f"{path.name} has {frame.shape[1]} fields per row but {names_from} "
+                               f"names {len(column_names)}; name every field")
+    # fewer fields than names: the trailing named columns are absent (a test file has no labels)
+    names = column_names[:frame.shape[1]] if column_names else frame.columns
+    frame.columns = [str(c).strip() for c in names]
+    return frame
+
+
 def read_table(
     path: str | Path,
     delimiter: str | None = None,
     column_names: list[str] | None = None,
 ) -> Table:
-    """Read a delimited text file with every column as ``str`` (missing cells become "").
-
-    ``.zip``/``.gz`` files are decompressed first (see :func:`open_data` for the rules).
-    """
+    """The whole table (see :func:`iter_table`), and how many bytes were not valid UTF-8."""
     path = Path(path)
-    try:
-        raw, named = _read_bytes(path)
-    except FileNotFoundError:
-        raise HybridstackError(f"file not found: {path} (check the path in the config)") from None
-    except OSError as err:
-        raise HybridstackError(f"cannot read {path}: {err.strerror}") from None
-    if not raw.strip():
-        raise HybridstackError(f"{path} is empty: it needs a header line and at least one row")
     _counter.count = 0
-    text = raw.decode("utf-8-sig", errors="hybridstack_count")
+    (frame,) = iter_table(path, delimiter, column_names)
     n_bad = _counter.count
     if n_bad:
         log.warning("%s: %d bytes were not valid UTF-8 and were replaced with U+FFFD", path.name, n_bad)
-    sep = delimiter or guess_delimiter(named, text.split("\n", 1)[0])
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            sep=sep,
-            dtype=str,
-            keep_default_na=False,  # NaN text is kept as "" and counted, never the string "nan"
-            header=None if column_names else "infer",
-            names=column_names,
-        )
-    except pd.errors.EmptyDataError:
-        raise HybridstackError(f"{path} has no rows") from None
-    except (pd.errors.ParserError, ValueError) as err:
-        raise HybridstackError(
-            f"{path}: cannot parse as delimited text ({one_line(err)}); check data.delimiter"
-        ) from None
-    if frame.empty:
-        raise HybridstackError(f"{path} has a header but no rows")
-    frame.columns = [str(c).strip() for c in frame.columns]
     return Table(frame=frame, path=path, n_bad_bytes=n_bad)
 
 

@@ -24,11 +24,11 @@ from hybridstack.config import (
     config_from_dict,
     dump_toml,
 )
-from hybridstack.errors import HybridstackError, one_line
+from hybridstack.errors import HybridstackError
 from hybridstack.models import EMBEDDED_MINILM, find_model, is_under_input_root, kaggle_working_dir
 from hybridstack.recipes import RECIPES, Recipe, finetune_recipe_for, load_recipe
 from hybridstack.runs import write_text
-from hybridstack.tables import guess_delimiter, open_text, read_first_line, table_file_names
+from hybridstack.tables import iter_table, table_file_names
 
 DETECT_ROWS = 5000  # enough rows to judge column types without parsing a 1 GB train file
 # plain or compressed as Kaggle ships them (Jigsaw: train.csv.zip)
@@ -83,30 +83,9 @@ def find_competition_files(folder: Path) -> CompetitionFiles:
 
 def read_head(path: Path, delimiter: str | None = None, column_names: list[str] | None = None,
               nrows: int = DETECT_ROWS) -> pd.DataFrame:
-    """The first ``nrows`` rows as strings, read with the same rules as ``tables.read_table``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ``(min(nrows, n_rows), n_columns)``, every cell a ``str`` (missing cells are "").
-    """
-    first_line = read_first_line(path)
-    if not first_line.strip():
-        raise HybridstackError(f"{path} is empty or starts with a blank line: it needs a header line and rows")
-    sep = delimiter or guess_delimiter(path, first_line)
-    try:
-        with open_text(path) as fh:
-            frame = pd.read_csv(fh, sep=sep, nrows=nrows, dtype=str, keep_default_na=False,
-                                header=None if column_names else "infer")
-    except (pd.errors.ParserError, ValueError) as err:
-        raise HybridstackError(f"{path}: cannot parse as delimited text ({one_line(err)}); pass --delimiter") from None
-    if column_names is not None and len(column_names) != frame.shape[1]:
-        # pandas would silently turn extra leading fields into an index
-        raise HybridstackError(f"{path.name} has {frame.shape[1]} fields per row but --columns names "
-                               f"{len(column_names)}; name every field")
-    frame.columns = [str(c).strip() for c in (column_names or frame.columns)]
-    if frame.empty:
-        raise HybridstackError(f"{path} has a header but no rows")
+    """The first ``nrows`` rows, every cell a ``str`` (``tables.iter_table``'s rules)."""
+    (frame,) = iter_table(path, delimiter, column_names, nrows=nrows, names_from="--columns",
+                          hint="pass --delimiter")
     return frame
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hybridstack.errors import HybridstackError, one_line
+from hybridstack.errors import HybridstackError
 from hybridstack.runs import atomic_path, write_text
-from hybridstack.tables import guess_delimiter, open_text, read_first_line, read_table
+from hybridstack.tables import iter_table, read_table
 from hybridstack.tasks import Task
 
 if TYPE_CHECKING:
@@ -41,20 +41,11 @@ class BatchResult:
 
 
 def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Chunks of ``chunk_rows`` rows, every cell a str (missing cells ""), like read_table."""
+    """Chunks of ``chunk_rows`` rows, read as ``tables.iter_table`` reads every table."""
     try:
-        first_line = read_first_line(path)
-    except OSError as err:
-        raise HybridstackError(f"--input: cannot read {path}: {err.strerror}") from None
-    try:
-        with open_text(path) as fh, pd.read_csv(fh, sep=guess_delimiter(path, first_line),
-                                                dtype=str, keep_default_na=False,
-                                                chunksize=chunk_rows) as reader:
-            yield from reader
-    except pd.errors.EmptyDataError:
-        raise HybridstackError(f"--input: {path} is empty: it needs a header line and rows") from None
-    except (pd.errors.ParserError, ValueError) as err:
-        raise HybridstackError(f"--input: cannot parse {path} ({one_line(err)})") from None
+        yield from iter_table(path, chunk_rows=chunk_rows, hint="check the file")
+    except HybridstackError as err:
+        raise HybridstackError(f"--input: {err}") from None
 
 
 def read_sample(path: Path, task: Task) -> pd.DataFrame:
