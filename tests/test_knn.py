@@ -6,11 +6,14 @@ import io
 
 import joblib
 import numpy as np
+import pytest
 from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
 
+from hybridstack.errors import HybridstackError
 from hybridstack.features.knn import (
     KNNFeatureHead,
+    KnnPool,
     build_index,
     neighbour_features,
     normalize_rows,
@@ -187,3 +190,48 @@ def test_a_rows_neighbours_do_not_depend_on_the_rows_searched_with_it():
     np.testing.assert_array_equal(sims[subset], part_sims)
     np.testing.assert_array_equal(ids[subset], part_ids)
     assert (np.diff(sims, axis=1) <= 0).all()  # still nearest first
+
+
+def test_a_head_over_the_shared_pool_predicts_exactly_as_one_with_its_own_copy(tmp_path):
+    X, cluster = clustered(300, 8, 4)
+    Y = np.eye(4, dtype=np.float32)[cluster]
+    Xg = with_groups(X, np.arange(300, dtype=np.float32))
+    folds = np.arange(300) % 3
+    pool = KnnPool.from_keys([Xg[:, :-1]])
+    own = fit_oof(KNNFeatureHead(LogRegHead(), k=5), Xg, Y, folds, Xg[:50], score=no_score)
+    shared_head = KNNFeatureHead(LogRegHead(), k=5, pool=pool)
+    shared = fit_oof(shared_head, Xg, Y, folds, Xg[:50], score=no_score)
+    np.testing.assert_array_equal(own.oof, shared.oof)
+    np.testing.assert_array_equal(own.test_pred, shared.test_pred)
+    fitted = KNNFeatureHead(LogRegHead(), k=5, pool=pool).fit(Xg[:200], Y[:200])
+    own_fitted = KNNFeatureHead(LogRegHead(), k=5).fit(Xg[:200], Y[:200])
+    saved, own_saved = io.BytesIO(), io.BytesIO()
+    joblib.dump(fitted, saved)
+    joblib.dump(own_fitted, own_saved)
+    vector_bytes, position_bytes = 200 * 8 * 4, 200 * 4
+    # positions into the pool replace the vectors (and the faiss index holding them)
+    assert len(saved.getvalue()) <= len(own_saved.getvalue()) - vector_bytes + position_bytes
+    saved.seek(0)
+    loaded = joblib.load(saved)
+    assert not hasattr(loaded, "index_") and loaded.pool_rows_.dtype == np.int32
+    with pytest.raises(HybridstackError, match="needs its pool"):
+        loaded.predict_proba(Xg[200:])
+    pool.save(tmp_path)
+    reloaded = KnnPool.load(tmp_path, pool.digest)
+    np.testing.assert_array_equal(loaded.attach_pool(reloaded).predict_proba(Xg[200:]),
+                                  fitted.predict_proba(Xg[200:]))
+    with pytest.raises(HybridstackError, match="fitted on pool"):
+        joblib.load(io.BytesIO(saved.getvalue())).attach_pool(KnnPool.from_keys([Xg[:10, :-1]]))
+
+
+def test_the_pool_keeps_each_distinct_vector_once_and_is_content_addressed(tmp_path):
+    X, _ = clustered(50, 6, 3)
+    pool = KnnPool.from_keys([X, X[::-1]])  # the second view repeats every row
+    assert len(pool.vectors) == 50
+    np.testing.assert_array_equal(pool.positions(normalize_rows(X[[7, 3]])), [7, 3])
+    assert KnnPool.from_keys([X]).digest == pool.digest != KnnPool.from_keys([X[1:]]).digest
+    path = pool.save(tmp_path)
+    assert path == tmp_path / "knn" / f"{pool.digest}.npy"
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(HybridstackError, match="does not hold the kNN pool"):
+        KnnPool.load(tmp_path, pool.digest)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,11 +21,12 @@ import hybridstack
 from hybridstack.cli import main
 from hybridstack.commands.run import run_stage
 from hybridstack.errors import HybridstackError
-from hybridstack.features.embed_matrix import exclusion_groups
+from hybridstack.features.embed_matrix import EmbedFeaturizer, exclusion_groups
+from hybridstack.finetune.data import TokenFeaturizer
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.predict.explain import tree_feature_groups
 from hybridstack.predict.families import EmbedModel
-from hybridstack.runs import ExperimentDir, read_json
+from hybridstack.runs import FEATURIZER_FILE, FOLD_MODEL_FILE, ExperimentDir, read_json
 from hybridstack.synthetic import write_competition
 
 ATOL = 1e-6
@@ -114,6 +116,22 @@ def test_predictions_equal_every_saved_test_output(predictors, pairwise_run, mul
     np.testing.assert_allclose(proba, exp_dir.stack.load_test(), atol=ATOL)
     submission = pd.read_csv(exp_dir.submission_path, dtype={"id": str}).set_index("id")
     np.testing.assert_allclose(proba, submission.loc[test["id"], predictor.label_names], atol=ATOL)
+
+
+def test_model_folders_describe_themselves_and_embed_heads_share_one_knn_pool(pairwise_run):
+    exp_dir = ExperimentDir(pairwise_run)
+    (pool,) = (pairwise_run / "knn").glob("*.npy")
+    stages = {}
+    for model in exp_dir.finished_models():
+        stages[model.name] = read_json(model.config_path)["stage"]
+        featurizer = joblib.load(model.path / FEATURIZER_FILE)  # every base model has one
+        if stages[model.name] == "embed":
+            assert isinstance(featurizer, EmbedFeaturizer) and featurizer.pool_digest == pool.stem
+            head = joblib.load(model.fold_dir(0) / FOLD_MODEL_FILE)
+            assert head.pool_digest_ == pool.stem and not hasattr(head, "index_")
+        if stages[model.name] == "finetune":
+            assert isinstance(featurizer, TokenFeaturizer) and featurizer.swap is not None
+    assert sorted(stages.values()) == ["embed", "embed", "finetune", "tfidf"]
 
 
 def test_rows_may_be_dicts_with_lists_of_turns_and_no_id(predictors, pairwise_run):

@@ -365,7 +365,7 @@ def _embed_head(exp: Experiment, settings: dict[str, Any]) -> tuple[Any, Any] | 
     if features is None:
         return "no cached embedding features for the snapshot's [embed] settings"
     spec = kind_named(settings.get("head", "")).spec(**settings["spec"])
-    return make_head(spec, exp, features), features.X
+    return make_head(spec, exp, features, None), features.X  # own index: audit writes nothing
 
 
 # -- near-duplicates ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,13 @@ import pandas as pd
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.features.embeddings import EmbeddingCache
-from hybridstack.features.knn import normalize_rows
+from hybridstack.features.knn import (
+    GROUP_MAP_FILE,
+    GroupMap,
+    KNNFeatureHead,
+    KnnPool,
+    normalize_rows,
+)
 from hybridstack.features.lengths import log_counts
 from hybridstack.runs import write_with
 from hybridstack.tasks import Dataset, Task
@@ -203,3 +210,109 @@ def load_or_build_features(exp: Experiment, cache: EmbeddingCache) -> EmbedFeatu
     log.info("embed: built %d features in %.1fs -> %s", features.X.shape[1],
              time.perf_counter() - started, path.name)
     return features
+
+
+# -- the saved featurizer: new rows -> the same features, at predict time ----------------------
+
+
+class FeatureViews(NamedTuple):
+    X: np.ndarray  # (n, d) float32, kNN group column last when kNN is on
+    X_swap: np.ndarray | None  # pairwise: A and B exchanged
+
+
+ENCODER_SETTINGS = ("model", "max_seq_length", "prefix", "normalize", "dtype", "batch_size")
+
+
+@dataclass
+class EmbedFeaturizer:
+    """What turns rows into an embed head's features: saved as every embed model's
+    ``featurizer.joblib``, so predict needs neither train.csv nor stage code.
+
+    It holds the encoder settings (texts are embedded through an :class:`EmbeddingCache`
+    that reads the training run's cache), the feature options and layout, and the digest
+    of the kNN pool its fold heads point into; the training rows' kNN groups by key are the
+    model folder's ``knn_groups.npz``.
+    """
+
+    encoder: dict[str, Any]  # EmbeddingCache settings (ENCODER_SETTINGS)
+    encoder_key: str  # the cache key of the encoder the heads were trained on
+    cache_dir: str | None  # the training run's embed.cache_dir (None: <workdir>/cache/embeddings)
+    length_features: bool
+    knn: bool
+    blocks: list[tuple[str, int]]
+    pool_digest: str | None = None
+
+    @classmethod
+    def from_settings(cls, embed: dict[str, Any], encoder_key: str, blocks: list,
+                      pool_digest: str | None = None) -> EmbedFeaturizer:
+        """From the [embed] settings (``EmbedConfig.model_dump(mode="json")``)."""
+        return cls({k: embed[k] for k in ENCODER_SETTINGS}, encoder_key,
+                   None if embed.get("cache_dir") is None else str(embed["cache_dir"]),
+                   embed["length_features"], embed["knn"], [tuple(b) for b in blocks],
+                   pool_digest)
+
+    @property
+    def key(self) -> str:
+        """Models with the same key share features: every head of one encoder."""
+        return f"embed:{self.encoder_key}:{self.length_features}:{self.knn}"
+
+    def attach(self, ctx: Any, model_path: Path) -> AttachedEmbedFeaturizer:
+        """Bound to a predict context (``ctx.task``, ``ctx.cache_dir``, ``ctx.dir``) and
+        the model folder it was loaded from."""
+        return AttachedEmbedFeaturizer(self, ctx, model_path)
+
+    def transform(self, ds: Dataset, task: Task, cache: EmbeddingCache,
+                  groups: np.ndarray | None = None) -> FeatureViews:
+        """Features of parsed rows ``ds``; ``groups``: their (n,) kNN groups when kNN is on."""
+        emb = encode_fields(cache, task, [ds])[0]
+        X, X_swap, blocks, _ = split_views(task, ds, emb, self.length_features)
+        if self.knn:
+            X = np.hstack([X, groups[:, None]])
+            X_swap = None if X_swap is None else np.hstack([X_swap, groups[:, None]])
+            blocks = [*blocks, ("knn_group", 1)]
+        if blocks != self.blocks:
+            raise HybridstackError(f"feature layout {blocks} differs from the trained {self.blocks}; "
+                                   "re-run the embed stage")
+        return FeatureViews(X, X_swap)
+
+
+class AttachedEmbedFeaturizer:
+    """An :class:`EmbedFeaturizer` with its embedding cache opened for a predict context.
+
+    Only texts missing from the training run's cache are encoded, into ``ctx.cache_dir``.
+    New rows get the kNN group of a training row with the same key (the model folder's
+    group map); a run saved before group maps existed numbers them over its train rows.
+    """
+
+    def __init__(self, saved: EmbedFeaturizer, ctx: Any, model_path: Path):
+        self.saved, self.ctx, self.key = saved, ctx, saved.key
+        map_path = Path(model_path) / GROUP_MAP_FILE
+        self.group_map = GroupMap.load(map_path) if saved.knn and map_path.is_file() else None
+        trained = (Path(saved.cache_dir) if saved.cache_dir
+                   else ctx.dir.path.parent.parent / "cache" / "embeddings")
+        self.cache = EmbeddingCache(ctx.cache_dir, **saved.encoder, read_only_roots=[trained])
+        if self.cache.key != saved.encoder_key:
+            raise HybridstackError(
+                f"the embed models were trained on encoder {saved.encoder_key} but "
+                f"embed.model now gives {self.cache.key} (model files changed); re-run the "
+                "embed stage")
+        self._pools: dict[str, KnnPool] = {}
+
+    def transform(self, ds: Dataset) -> FeatureViews:
+        groups = None
+        if self.group_map is not None:
+            groups = self.group_map.lookup(group_keys(self.ctx.task, ds))
+        elif self.saved.knn:
+            # numbered over [train, new] exactly as over [train, test] at training time
+            groups = exclusion_groups(self.ctx.task, [self.ctx.train, ds])[1]
+        return self.saved.transform(ds, self.ctx.task, self.cache, groups)
+
+    def prepare(self, head: Any, run_dir: Path) -> Any:
+        """A fold head loaded from ``run_dir``'s models, with the experiment's kNN pool
+        attached when it points into one (each pool is loaded once)."""
+        digest = getattr(head, "pool_digest_", None)
+        if isinstance(head, KNNFeatureHead) and digest:
+            if digest not in self._pools:
+                self._pools[digest] = KnnPool.load(run_dir, digest)
+            head.attach_pool(self._pools[digest])
+        return head

@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
+from hybridstack.errors import HybridstackError
 from hybridstack.runs import write_with
 
 IndexKind = Literal["flat", "ivf"]
@@ -182,6 +183,68 @@ def neighbour_features(sims: np.ndarray, ids: np.ndarray, pool_Y: np.ndarray,
     return np.column_stack([label_mean, top, mean_sim]).astype(np.float32)
 
 
+class KnnPool:
+    """The normalised kNN keys of an experiment's training rows, stored once for every head.
+
+    Each distinct key vector is kept once, in the order first seen; a fitted
+    :class:`KNNFeatureHead` holds the position of each of its pool rows here instead of its
+    own copy of the vectors (on LMSYS a copy is ~0.5 GB per fold and head). The pool is
+    content-addressed: ``knn/<digest>.npy`` inside the experiment folder, the digest the
+    SHA-256 of the vectors, so heads, folds and re-runs on the same features share one file.
+    """
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors  # (m, d) float32, unit rows; memory-mapped when loaded
+        self.digest = hashlib.sha256(np.ascontiguousarray(vectors).data).hexdigest()[:16]
+        self._positions: dict[bytes, int] | None = None
+
+    @classmethod
+    def from_keys(cls, keys: list[np.ndarray]) -> KnnPool:
+        """The pool of every row of ``keys`` (raw key columns: train, and its swapped view)."""
+        vectors = np.concatenate([normalize_rows(k) for k in keys])
+        seen: dict[bytes, int] = {}
+        for i, row in enumerate(vectors):
+            seen.setdefault(row.tobytes(), i)
+        unique = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
+        return cls(vectors[unique] if len(unique) < len(vectors) else vectors)
+
+    def positions(self, vectors: np.ndarray) -> np.ndarray:
+        """(n,) int64 position in the pool of each normalised row of ``vectors``."""
+        if self._positions is None:
+            self._positions = {row.tobytes(): i for i, row in enumerate(self.vectors)}
+        try:
+            return np.fromiter((self._positions[row.tobytes()] for row in vectors),
+                               dtype=np.int64, count=len(vectors))
+        except KeyError:
+            raise ValueError("a kNN head was fitted on rows that are not in its pool") from None
+
+    @staticmethod
+    def path(run_dir: Path, digest: str) -> Path:
+        return Path(run_dir) / POOL_DIR / f"{digest}.npy"
+
+    def save(self, run_dir: Path) -> Path:
+        """Write ``knn/<digest>.npy`` once (an existing file with this digest is the same)."""
+        path = self.path(run_dir, self.digest)
+        if not path.is_file():
+            write_with(path, lambda fh: np.save(fh, self.vectors))
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path, digest: str) -> KnnPool:
+        pool = cls(np.load(cls.path(run_dir, digest), mmap_mode="r"))
+        if pool.digest != digest:
+            raise HybridstackError(f"{cls.path(run_dir, digest)} does not hold the kNN pool its "
+                                   "name says (the file changed); re-run the embed stage")
+        return pool
+
+    # clone() deep-copies a head's parameters for every fold: all of them share this pool
+    def __deepcopy__(self, memo: dict) -> KnnPool:
+        return self
+
+
+POOL_DIR = "knn"  # runs/<experiment>/knn/<digest>.npy: the shared kNN pools
+
+
 class KNNFeatureHead(BaseEstimator):
     """A head that appends leak-free kNN label features before its base head.
 
@@ -196,11 +259,14 @@ class KNNFeatureHead(BaseEstimator):
     key_start, key_stop : column range of the kNN key inside ``X``.
     k : neighbours per row. index_kind : "flat" (exact) or "ivf" (approximate).
     nprobe : IVF lists scanned per query. batch_size : queries per faiss call.
+    pool : the experiment's :class:`KnnPool` holding every fitted row's key; the fitted head
+        then keeps positions into it, and is pickled without vectors (re-attach the pool
+        with :meth:`attach_pool` after loading). None: the head keeps its own index.
     """
 
     def __init__(self, base_head: Any, key_start: int = 0, key_stop: int | None = None,
                  k: int = 20, index_kind: IndexKind = "flat", nprobe: int = 16,
-                 batch_size: int = 4096):
+                 batch_size: int = 4096, pool: KnnPool | None = None):
         self.base_head = base_head
         self.key_start = key_start
         self.key_stop = key_stop
@@ -208,6 +274,7 @@ class KNNFeatureHead(BaseEstimator):
         self.index_kind = index_kind
         self.nprobe = nprobe
         self.batch_size = batch_size
+        self.pool = pool
 
     def _key_and_groups(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key_stop = X.shape[1] - 1 if self.key_stop is None else self.key_stop
@@ -216,12 +283,14 @@ class KNNFeatureHead(BaseEstimator):
     def _with_knn(self, X: np.ndarray, knn: np.ndarray) -> np.ndarray:
         return np.hstack([X[:, :-1], knn]).astype(np.float32, copy=False)
 
-    def knn_features(self, X: np.ndarray) -> np.ndarray:
-        """(n, C + 2) kNN features of rows ``X`` against the fitted pool."""
-        key, groups = self._key_and_groups(X)
+    def _search(self, key: np.ndarray, groups: np.ndarray) -> np.ndarray:
         sims, ids = search_excluding_groups(self.index_, self.pool_groups_, key, groups,
                                             self.k, self.batch_size)
         return neighbour_features(sims, ids, self.pool_Y_, self.prior_)
+
+    def knn_features(self, X: np.ndarray) -> np.ndarray:
+        """(n, C + 2) kNN features of rows ``X`` against the fitted pool."""
+        return self._search(*self._key_and_groups(X))
 
     def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray | None = None,
             Y_val: np.ndarray | None = None) -> KNNFeatureHead:
@@ -234,24 +303,45 @@ class KNNFeatureHead(BaseEstimator):
         self.pool_Y_ = np.asarray(Y, dtype=np.float32)
         self.pool_groups_ = groups
         self.prior_ = self.pool_Y_.mean(axis=0)
+        if self.pool is not None:
+            self.pool_rows_ = self.pool.positions(key).astype(np.int32)
         self.index_ = build_index(key, self.index_kind, self.nprobe)
-        train_knn = self.knn_features(X)  # every row's own group is excluded: leave-group-out
+        train_knn = self._search(key, groups)  # every row's own group is excluded: leave-group-out
+        del key  # the index holds the vectors now
         val = None if X_val is None else self._with_knn(X_val, self.knn_features(X_val))
         self.base_head_ = clone(self.base_head).fit(self._with_knn(X, train_knn), Y, val, Y_val)
         return self
 
+    def attach_pool(self, pool: KnnPool) -> KNNFeatureHead:
+        """Rebuild the index of a head loaded without vectors from the pool it was fitted on."""
+        if pool.digest != self.pool_digest_:
+            raise HybridstackError(f"this kNN head was fitted on pool {self.pool_digest_}, "
+                                   f"not {pool.digest}; re-run the embed stage")
+        self.pool = pool
+        # the same vectors in the same order as at fit time: the same index and neighbours
+        self.index_ = build_index(np.ascontiguousarray(pool.vectors[self.pool_rows_]),
+                                  self.index_kind, self.nprobe)
+        return self
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(n, C) float32 probabilities of the base head on ``[features | knn features]``."""
+        if not hasattr(self, "index_"):
+            raise HybridstackError("a kNN head loaded from disk needs its pool: attach_pool(pool)")
         return self.base_head_.predict_proba(self._with_knn(X, self.knn_features(X)))
 
     @property
     def best_iteration_(self) -> int | None:
         return getattr(self.base_head_, "best_iteration_", None)
 
-    # faiss indexes are SWIG objects: pickle them (FoldStore uses joblib) as serialised bytes
+    # faiss indexes are SWIG objects: pickle them (FoldStore uses joblib) as serialised bytes;
+    # a head with a pool is pickled with positions into it instead (no vectors at all)
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: the live object keeps its index
-        if "index_" in state:
+        if state.get("pool") is not None:
+            state["pool_digest_"] = state["pool"].digest
+            state["pool"] = None
+            state.pop("index_", None)
+        elif "index_" in state:
             state["index_"] = faiss.serialize_index(state["index_"])
         return state
 

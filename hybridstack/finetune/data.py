@@ -159,6 +159,37 @@ class Renderer:
         return ids, swapped
 
 
+@dataclass(frozen=True)
+class TokenFeaturizer:
+    """How a fine-tuned model's rows become token ids: saved as its ``featurizer.joblib``
+    (the tokenizer is the one saved in each fold's ``best/``), so predict renders new rows
+    exactly as the stage rendered train and test."""
+
+    field_names: tuple[str, ...]
+    shares: tuple[float, ...]  # of the token budget, per field
+    max_length: int
+    head_fraction: float
+    swap: tuple[str, str] | None  # the fields exchanged for the swapped view, if any
+
+    @classmethod
+    def from_settings(cls, ft: dict, field_names: Sequence[str],
+                      swap_fields: tuple[str, str] | None) -> TokenFeaturizer:
+        """From the [finetune] settings (``FinetuneConfig.model_dump(mode="json")``)."""
+        shares = tuple(ft["segment_budget"]) if len(field_names) > 1 else (1.0,)
+        wants_swap = ft["swap_augment"] or ft["swap_tta"]
+        return cls(tuple(field_names), shares, ft["max_length"], ft["head_fraction"],
+                   tuple(swap_fields) if wants_swap and swap_fields else None)
+
+    def renderer(self, tokenizer) -> Renderer:
+        return Renderer(tokenizer, list(self.field_names), self.shares, self.max_length,
+                        self.head_fraction)
+
+    def render(self, tokenizer, fields: dict[str, list[str]]) -> list[list[list[int]]]:
+        """[ids] or [ids, swapped ids]: n token-id lists per view."""
+        ids, swapped = self.renderer(tokenizer).render(fields, self.swap)
+        return [ids] if swapped is None else [ids, swapped]
+
+
 class EncodedRows(Dataset):
     """Token ids and (optionally) float32 targets of n rows, indexable for a DataLoader."""
 

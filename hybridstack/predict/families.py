@@ -1,16 +1,18 @@
-"""Predictors of each base-model family, rebuilt from a finished model folder.
+"""Base-model predictors, rebuilt from finished model folders with no stage code.
 
-Each one reproduces its stage's test-time path exactly: the same features (through the
-same functions the stage used), every trained fold model, swap test-time averaging per
-the saved settings, and the fold average of :func:`~hybridstack.heads.base.fit_oof`
-(float64 sum over folds / n_folds, then float32). A family splits prediction into
-``featurizer.transform(ds)`` and ``predict(features)``, so models that share features
-(every head of one embedding encoder) compute them once per batch.
+A model folder describes itself: ``featurizer.joblib`` turns parsed rows into the fold
+models' inputs, ``fold_<k>/`` holds each trained fold's model, ``config.json`` the swap
+settings. :class:`FeaturizedModel` is the one generic predictor (load the featurizer and
+the fold models, predict each fold with swap test-time averaging, average the folds exactly
+as :func:`~hybridstack.heads.base.fit_oof` did); a model format other than joblib heads
+(a fine-tuned transformer folder) registers its own loader in :data:`LOADERS` by stage kind.
+Models whose featurizers have the same ``key`` (every head of one embedding encoder)
+compute their features once per batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,9 @@ import numpy as np
 from accelerate import Accelerator
 
 from hybridstack.errors import HybridstackError
-from hybridstack.features.embed_matrix import (
-    encode_fields,
-    exclusion_groups,
-    group_keys,
-    split_views,
-)
-from hybridstack.features.embeddings import EmbeddingCache
-from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap
+from hybridstack.features.embed_matrix import EmbedFeaturizer
 from hybridstack.features.tfidf import TfidfFeaturizer
-from hybridstack.finetune.data import EncodedRows, Renderer
+from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
 from hybridstack.finetune.loop import predict_views as predict_token_views
 from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
 from hybridstack.heads.base import fold_average, predict_views
@@ -52,45 +47,43 @@ def required_file(path: Path, model: ModelDir, hint: str) -> Path:
     return path
 
 
-def load_fold_heads(model: ModelDir, hint: str) -> list[Any]:
-    """The fitted head of every trained fold (``fold_<k>/model.joblib``)."""
-    return [joblib.load(required_file(model.fold_dir(k) / FOLD_MODEL_FILE, model, hint))
-            for k in trained_folds(model)]
+def rerun_hint(config: dict[str, Any], ctx: RunContext) -> str:
+    return f"re-run its stage (`hybridstack run {config.get('stage')} -c {ctx.rerun_hint}`)"
 
 
-# -- models with a saved featurizer (tfidf, and any stage that saves one) -----------------------
+def swap_permutation(config: dict[str, Any], ctx: RunContext) -> list[int] | None:
+    """The label permutation of the swapped view when the model averages it at test time."""
+    settings = config["settings"]
+    for section in ("embed", "tfidf"):  # where older stages recorded the flag
+        settings = {**settings.get(section, {}), **settings}
+    return ctx.task.swap_permutation if settings.get("swap_tta", True) else None
 
 
-class SavedFeaturizer:
-    """A model folder's ``featurizer.joblib``: parsed rows -> (X, X_swap)."""
-
-    def __init__(self, model: ModelDir, featurizer: Any):
-        self.key = f"featurizer:{model.name}"
-        self.featurizer = featurizer
-
-    @property
-    def vectorizer(self) -> Any:  # TF-IDF models: for n-gram explanations
-        return self.featurizer.vectorizer
-
-    def transform(self, ds: Dataset) -> tuple[Any, Any | None]:
-        return self.featurizer.transform(ds)
+# -- the generic predictor: a featurizer and a joblib head per trained fold --------------------
 
 
 class FeaturizedModel:
-    """A base model whose folder holds its featurizer and a joblib head per trained fold:
-    predicted with no code of the stage that made it."""
+    """A base model whose folder holds its featurizer and a joblib head per trained fold."""
 
     def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext,
                  featurizer: Any | None = None):
-        hint = f"re-run its stage (`hybridstack run {config.get('stage')} -c {ctx.rerun_hint}`)"
+        hint = rerun_hint(config, ctx)
         self.name = model.name
         if featurizer is None:
             featurizer = joblib.load(required_file(model.path / FEATURIZER_FILE, model, hint))
-        self.featurizer = SavedFeaturizer(model, featurizer)
-        self.heads = load_fold_heads(model, hint)
-        settings = config["settings"]
-        tta = settings.get("swap_tta", settings.get("tfidf", {}).get("swap_tta", True))
-        self.permutation = ctx.task.swap_permutation if tta else None
+        if hasattr(featurizer, "attach"):  # bound to this context (e.g. an embedding cache)
+            featurizer = featurizer.attach(ctx, model.path)
+        if not hasattr(featurizer, "key"):
+            featurizer.key = f"featurizer:{model.name}"
+        self.featurizer = featurizer
+        prepare = getattr(featurizer, "prepare", None)
+        run_dir = model.path.parent.parent
+        self.heads = [
+            joblib.load(required_file(model.fold_dir(k) / FOLD_MODEL_FILE, model, hint))
+            for k in trained_folds(model)]
+        if prepare is not None:  # e.g. re-attach the shared kNN pool
+            self.heads = [prepare(head, run_dir) for head in self.heads]
+        self.permutation = swap_permutation(config, ctx)
 
     def predict(self, views: tuple[Any, Any | None]) -> np.ndarray:
         """(n, C) float32 probabilities, mean over the fold models."""
@@ -103,131 +96,44 @@ class FeaturizedModel:
 class TfidfModel(FeaturizedModel):
     """A tfidf-stage logistic regression: explained by its n-grams."""
 
-
-def old_tfidf_featurizer(model: ModelDir, ctx: RunContext) -> TfidfFeaturizer:
-    """A run made before featurizer.joblib existed kept only its ``vectorizer.joblib``."""
-    hint = f"re-run `hybridstack run tfidf -c {ctx.rerun_hint}`"
-    vectorizer = joblib.load(required_file(model.path / "vectorizer.joblib", model, hint))
-    return TfidfFeaturizer(vectorizer, ctx.task.swap_fields)
-
-
-# -- embed -------------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbedInputs:
-    X: np.ndarray  # (n, d) float32, kNN group column last when kNN is on
-    X_swap: np.ndarray | None
-    blocks: list[tuple[str, int]]
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
+        featurizer = None
+        if not (model.path / FEATURIZER_FILE).is_file():
+            # a run made before featurizer.joblib existed kept only its vectorizer
+            hint = f"re-run `hybridstack run tfidf -c {ctx.rerun_hint}`"
+            vectorizer = joblib.load(required_file(model.path / "vectorizer.joblib", model, hint))
+            featurizer = TfidfFeaturizer(vectorizer, ctx.task.swap_fields)
+        super().__init__(model, config, ctx, featurizer)
 
 
-class EmbedFeaturizer:
-    """Cached sentence embeddings -> the embed stage's feature matrix for new rows.
+class EmbedModel(FeaturizedModel):
+    """An embed-stage head (LightGBM, MLP or another registered kind; kNN-wrapped or not):
+    explained by feature blocks when it is a LightGBM."""
 
-    Only texts missing from the embedding cache (and its read-only layers) are encoded.
-    The kNN exclusion groups come from the model folder's ``knn_groups.npz``; a run made
-    before it existed rebuilds them from train.csv.
-    """
-
-    def __init__(self, model: ModelDir, settings: dict[str, Any], ctx: RunContext,
-                 cache: EmbeddingCache):
-        self.cache = cache
-        self.ctx = ctx
-        self.length_features = settings["embed"]["length_features"]
-        self.knn = settings["embed"]["knn"]
-        self.key = featurizer_key(cache.key, self.length_features, self.knn)
-        map_path = model.path / GROUP_MAP_FILE
-        self.group_map = GroupMap.load(map_path) if self.knn and map_path.is_file() else None
-
-    def transform(self, ds: Dataset) -> EmbedInputs:
-        task = self.ctx.task
-        emb = encode_fields(self.cache, task, [ds])[0]
-        X, X_swap, blocks, _ = split_views(task, ds, emb, self.length_features)
-        if self.knn:
-            group = self._groups(ds)[:, None]
-            X = np.hstack([X, group])
-            X_swap = None if X_swap is None else np.hstack([X_swap, group])
-            blocks = [*blocks, ("knn_group", 1)]
-        return EmbedInputs(X, X_swap, blocks)
-
-
-    def _groups(self, ds: Dataset) -> np.ndarray:
-        """(n,) float32 kNN exclusion group of each new row (a train row's group, or unseen)."""
-        if self.group_map is not None:
-            return self.group_map.lookup(group_keys(self.ctx.task, ds))
-        # numbered over [train, new] exactly as over [train, test] at training time
-        return exclusion_groups(self.ctx.task, [self.ctx.train, ds])[1]
-
-
-def featurizer_key(encoder_key: str, length_features: bool, knn: bool) -> str:
-    return f"embed:{encoder_key}:{length_features}:{knn}"
-
-
-def embedding_cache(settings: dict[str, Any], ctx: RunContext) -> EmbeddingCache:
-    """The EmbeddingCache with the encoder settings the heads were trained with.
-
-    The training run's cache (the workdir's, or the stage's explicit embed.cache_dir) is
-    only read; texts it lacks are encoded into ``ctx.cache_dir``.
-    """
-    embed = settings["embed"]
-    trained = (Path(embed["cache_dir"]) if embed.get("cache_dir")
-               else ctx.dir.path.parent.parent / "cache" / "embeddings")
-    return EmbeddingCache(ctx.cache_dir, embed["model"], max_seq_length=embed["max_seq_length"],
-                          prefix=embed["prefix"], normalize=embed["normalize"],
-                          dtype=embed["dtype"], batch_size=embed["batch_size"],
-                          read_only_roots=[trained])
-
-
-class EmbedModel:
-    """An embed-stage head (LightGBM or MLP, kNN-wrapped or not) per trained fold."""
-
-    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext,
-                 featurizer: EmbedFeaturizer):
+    def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
         settings = config["settings"]
-        hint = f"re-run `hybridstack run embed -c {ctx.rerun_hint}`"
-        if featurizer.cache.key != settings["encoder_key"]:
-            raise HybridstackError(
-                f"models/{model.name} was trained on encoder {settings['encoder_key']} but "
-                f"embed.model now gives {featurizer.cache.key} (model files changed); {hint}")
-        self.name = model.name
-        self.featurizer = featurizer
-        self.head_kind = settings["head"]  # "LGBMHead" or "MLPHead"
+        featurizer = None
+        if not (model.path / FEATURIZER_FILE).is_file():
+            # a run made before featurizer.joblib existed: the same featurizer, from config.json
+            featurizer = EmbedFeaturizer.from_settings(settings["embed"], settings["encoder_key"],
+                                                       settings["feature_blocks"])
+        super().__init__(model, config, ctx, featurizer)
+        self.head_kind = settings["head"]  # e.g. "LGBMHead" or "MLPHead"
         self.blocks = [tuple(b) for b in settings["feature_blocks"]]
-        self.heads = load_fold_heads(model, hint)
-        tta = settings["embed"]["swap_tta"]
-        self.permutation = ctx.task.swap_permutation if tta else None
-        self.hint = hint
-
-    def predict(self, inputs: EmbedInputs) -> np.ndarray:
-        """(n, C) float32 probabilities, mean over the fold models."""
-        if [tuple(b) for b in inputs.blocks] != self.blocks:
-            raise HybridstackError(
-                f"models/{self.name}: feature layout {inputs.blocks} differs from the trained "
-                f"{self.blocks}; {self.hint}")
-        swapped = inputs.X_swap if self.permutation is not None else None
-        return fold_average(predict_views(head, inputs.X, swapped, self.permutation)
-                            for head in self.heads)
 
 
-# -- finetune ----------------------------------------------------------------------------------
+# -- a fine-tuned transformer: its own model format --------------------------------------------
 
 
 class FinetuneFeaturizer:
-    """Token ids rendered like ``stages.finetune.encode_experiment`` (budgets, head+tail cuts)."""
+    """Token ids rendered as the finetune stage rendered train and test."""
 
-    def __init__(self, model: ModelDir, settings: dict[str, Any], ctx: RunContext, tokenizer):
-        task = ctx.task
-        shares = tuple(settings["segment_budget"]) if len(task.field_names) > 1 else (1.0,)
-        self.renderer = Renderer(tokenizer, task.field_names, shares, settings["max_length"],
-                                 settings["head_fraction"])
-        wants_swap = settings["swap_augment"] or settings["swap_tta"]
-        self.swap = task.swap_fields if wants_swap else None
-        self.key = f"finetune:{model.name}"
+    def __init__(self, saved: TokenFeaturizer, tokenizer, key: str):
+        self.saved, self.tokenizer, self.key = saved, tokenizer, key
 
     def transform(self, ds: Dataset) -> list[list[list[int]]]:
         """[ids] or [ids, swapped ids]: n token-id lists per view."""
-        ids, swapped = self.renderer.render(ds.fields, self.swap)
-        return [ids] if swapped is None else [ids, swapped]
+        return self.saved.render(self.tokenizer, ds.fields)
 
 
 class FinetuneModel:
@@ -240,7 +146,11 @@ class FinetuneModel:
                      for k in trained_folds(model)]
         self.name = model.name
         tokenizer = load_tokenizer(best_dirs[0], key=f"models/{model.name}")
-        self.featurizer = FinetuneFeaturizer(model, settings, ctx, tokenizer)
+        saved_path = model.path / FEATURIZER_FILE
+        saved = (joblib.load(saved_path) if saved_path.is_file()  # older runs: from config.json
+                 else TokenFeaturizer.from_settings(settings, ctx.task.field_names,
+                                                    ctx.task.swap_fields))
+        self.featurizer = FinetuneFeaturizer(saved, tokenizer, f"finetune:{model.name}")
         self.tokenizer = tokenizer
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(settings["mixed_precision"]))
@@ -263,33 +173,28 @@ class FinetuneModel:
 
 # -- loading -----------------------------------------------------------------------------------
 
+BaseModel = FeaturizedModel | FinetuneModel
+# How each stage kind's model folder is loaded; a stage not named here (a new one whose
+# folds are joblib heads over a saved featurizer) is predicted by FeaturizedModel.
+LOADERS: dict[str, Callable[[ModelDir, dict[str, Any], RunContext], BaseModel]] = {
+    "tfidf": TfidfModel, "embed": EmbedModel, "finetune": FinetuneModel}
 
-def load_base_models(ctx: RunContext, names: list[str]) -> list[TfidfModel | EmbedModel | FinetuneModel]:
-    """The predictor of every named base model, in order; embed heads of one encoder share features."""
-    featurizers: dict[str, EmbedFeaturizer] = {}
+
+def load_base_models(ctx: RunContext, names: list[str]) -> list[BaseModel]:
+    """The predictor of every named base model, in order; models whose featurizers share a
+    key (the embed heads of one encoder) share one featurizer."""
+    shared: dict[str, Any] = {}
     models = []
     for name in names:
         model = ctx.dir.model(name)
         config = read_json(required_file(model.config_path, model, "re-run its stage"))
         stage = config.get("stage")
-        if stage == "tfidf":
-            saved = None if (model.path / FEATURIZER_FILE).is_file() else old_tfidf_featurizer(model, ctx)
-            models.append(TfidfModel(model, config, ctx, saved))
-        elif (model.path / FEATURIZER_FILE).is_file():
-            models.append(FeaturizedModel(model, config, ctx))
-        elif stage == "embed":
-            settings = config["settings"]
-            key = featurizer_key(settings["encoder_key"], settings["embed"]["length_features"],
-                                 settings["embed"]["knn"])
-            if key not in featurizers:
-                featurizers[key] = EmbedFeaturizer(model, settings, ctx,
-                                                   embedding_cache(settings, ctx))
-            models.append(EmbedModel(model, config, ctx, featurizers[key]))
-        elif stage == "finetune":
-            models.append(FinetuneModel(model, config, ctx))
-        else:
+        loader = LOADERS.get(stage)
+        if loader is None and not (stage and (model.path / FEATURIZER_FILE).is_file()):
             raise HybridstackError(
                 f"models/{name}/config.json names no known stage ({stage!r}); it was written "
                 "by an older hybridstack: re-run its stage and the stack")
+        predictor = (loader or FeaturizedModel)(model, config, ctx)
+        predictor.featurizer = shared.setdefault(predictor.featurizer.key, predictor.featurizer)
+        models.append(predictor)
     return models
-

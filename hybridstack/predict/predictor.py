@@ -13,18 +13,10 @@ from hybridstack.ensembles.inputs import StackInput, meta_features
 from hybridstack.ensembles.thresholds import apply_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.predict import explain
-from hybridstack.predict.families import (
-    EmbedModel,
-    FeaturizedModel,
-    FinetuneModel,
-    TfidfModel,
-    load_base_models,
-)
+from hybridstack.predict.families import BaseModel, EmbedModel, TfidfModel, load_base_models
 from hybridstack.predict.source import Rows, RunContext, open_run, parse_rows
 from hybridstack.runs import META_MODEL_FILE, THRESHOLDS_FILE, WEIGHTS_FILE, read_json
 from hybridstack.tasks import Dataset
-
-BaseModel = FeaturizedModel | EmbedModel | FinetuneModel
 
 
 class Predictor:

@@ -20,15 +20,17 @@ from hybridstack.experiment import Experiment
 from hybridstack.features.embed_matrix import (
     FEATURE_LAYOUT,
     EmbedFeatures,
+    EmbedFeaturizer,
     group_keys,
     load_or_build_features,
 )
 from hybridstack.features.embeddings import EmbeddingCache, embed_cache_from_config
-from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap, KNNFeatureHead
+from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap, KNNFeatureHead, KnnPool
 from hybridstack.features.lengths import STRUCTURE_NAMES
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.registry import build_head, configured_heads, head_list_keys
 from hybridstack.models import EMBEDDED_MINILM
+from hybridstack.runs import FEATURIZER_FILE, write_joblib
 from hybridstack.stages.common import (
     save_model_outputs,
     skip_if_done,
@@ -66,16 +68,28 @@ def embed_alias(embed: EmbedConfig) -> str:
 # -- heads ---------------------------------------------------------------------------------
 
 
-def make_head(spec: Any, exp: Experiment, features: EmbedFeatures) -> Any:
+def make_head(spec: Any, exp: Experiment, features: EmbedFeatures, pool: KnnPool | None) -> Any:
     """The configured head (built by its registered kind), wrapped in a kNN-feature head
-    when ``embed.knn`` is on."""
+    over the experiment's shared pool when ``embed.knn`` is on."""
     head = build_head(spec, exp.task.kind == "multilabel", exp.cfg.cv.seed)
     embed = exp.cfg.embed
     if not embed.knn:
         return head
     start, stop = features.key_columns
     return KNNFeatureHead(head, key_start=start, key_stop=stop, k=embed.knn_k,
-                          index_kind=embed.knn_index, nprobe=embed.knn_nprobe)
+                          index_kind=embed.knn_index, nprobe=embed.knn_nprobe, pool=pool)
+
+
+def knn_pool(exp: Experiment, features: EmbedFeatures) -> KnnPool:
+    """Every row a kNN head may be fitted on (train, and its swapped view when augmenting),
+    saved once under ``runs/<exp>/knn/``."""
+    start, stop = features.key_columns
+    keys = [features.X[:, start:stop]]
+    if features.X_swap is not None and exp.cfg.embed.swap_augment:
+        keys.append(features.X_swap[:, start:stop])
+    pool = KnnPool.from_keys(keys)
+    pool.save(exp.dir.path)
+    return pool
 
 
 def shared_embed_settings(embed: EmbedConfig) -> dict[str, Any]:
@@ -96,7 +110,7 @@ def head_config_hash(exp: Experiment, cache: EmbeddingCache, spec: Any) -> str:
     return exp.settings_hash(settings)
 
 
-def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
+def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures, pool: KnnPool | None,
              spec: Any, model_name: str, config_hash: str) -> None:
     """Cross-validate one head on the shared folds and save its outputs (DONE last)."""
     embed = exp.cfg.embed
@@ -105,7 +119,7 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
     if exp.task.swap_permutation is not None:
         swap = SwapView(features.X_swap, features.X_test_swap, exp.task.swap_permutation,
                         augment=embed.swap_augment, tta=embed.swap_tta)
-    result = fit_oof(make_head(spec, exp, features), features.X, exp.train.Y, exp.folds,
+    result = fit_oof(make_head(spec, exp, features, pool), features.X, exp.train.Y, exp.folds,
                      features.X_test, score=exp.task.score, swap=swap,
                      store=FoldStore(model.path, config_hash))
     if embed.knn:
@@ -113,6 +127,9 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures,
         train_groups = features.X[:, -1].astype(np.int64)
         GroupMap.from_keys(group_keys(exp.task, exp.train), train_groups).save(
             model.path / GROUP_MAP_FILE)
+    write_joblib(model.path / FEATURIZER_FILE, EmbedFeaturizer.from_settings(
+        embed.model_dump(mode="json"), cache.key, features.blocks,
+        None if pool is None else pool.digest))
     settings = {
         "head": type(spec).__name__, "spec": spec.model_dump(),
         "embed": shared_embed_settings(embed),
@@ -135,7 +152,7 @@ def run(exp: Experiment | Config) -> None:
     cfg = exp.cfg
     cache = embed_cache_from_config(cfg)
     alias = embed_alias(cfg.embed)
-    features = None
+    features = pool = None
     for spec in configured_heads(cfg.embed):
         model_name = f"{alias}_{spec.name}"
         config_hash = head_config_hash(exp, cache, spec)
@@ -143,7 +160,8 @@ def run(exp: Experiment | Config) -> None:
             continue
         if features is None:
             features = load_or_build_features(exp, cache)
-        fit_head(exp, cache, features, spec, model_name, config_hash)
+            pool = knn_pool(exp, features) if cfg.embed.knn else None
+        fit_head(exp, cache, features, pool, spec, model_name, config_hash)
     write_best_submission(exp)
 
 

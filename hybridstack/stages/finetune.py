@@ -18,13 +18,13 @@ from hybridstack.config import Config, FinetuneConfig
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.finetune.checkpoint import FoldCheckpoints
-from hybridstack.finetune.data import EncodedRows, Renderer
+from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
 from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
 from hybridstack.folds import fold_rows
 from hybridstack.heads.base import FoldStore, OOFAccumulator, OOFResult
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
-from hybridstack.runs import ModelDir, write_json
+from hybridstack.runs import FEATURIZER_FILE, ModelDir, write_joblib, write_json
 from hybridstack.stages.common import (
     save_model_outputs,
     skip_if_done,
@@ -103,6 +103,7 @@ def run(exp: Experiment | Config) -> None:
         settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
                     "mixed_precision": accelerator.mixed_precision,
                     "num_processes": accelerator.num_processes}
+        write_joblib(model_dir.path / FEATURIZER_FILE, token_featurizer(exp))
         save_model_outputs(exp, model_dir, result, settings, done_hash, stage="finetune")
         write_best_submission(exp)
     accelerator.wait_for_everyone()
@@ -119,16 +120,19 @@ def _folds_to_run(ft: FinetuneConfig, n_splits: int) -> list[int]:
     return folds
 
 
+def token_featurizer(exp: Experiment) -> TokenFeaturizer:
+    return TokenFeaturizer.from_settings(exp.cfg.finetune.model_dump(mode="json"),
+                                         exp.task.field_names, exp.task.swap_fields)
+
+
 def encode_experiment(exp: Experiment, tokenizer) -> dict[str, list[list[int]] | None]:
     """Token ids of train and test rows, and of their A/B-swapped views (pairwise)."""
-    ft, task = exp.cfg.finetune, exp.task
-    shares = tuple(ft.segment_budget) if len(task.field_names) > 1 else (1.0,)
-    renderer = Renderer(tokenizer, task.field_names, shares, ft.max_length, ft.head_fraction)
-    swap = task.swap_fields if (ft.swap_augment or ft.swap_tta) else None
-    train, train_swapped = renderer.render(exp.train.fields, swap)
-    test, test_swapped = (None, None) if exp.test is None else renderer.render(exp.test.fields, swap)
-    return {"train": train, "train_swapped": train_swapped,
-            "test": test, "test_swapped": test_swapped}
+    featurizer = token_featurizer(exp)
+    train = featurizer.render(tokenizer, exp.train.fields)
+    test = None if exp.test is None else featurizer.render(tokenizer, exp.test.fields)
+    return {"train": train[0], "train_swapped": train[1] if len(train) > 1 else None,
+            "test": None if test is None else test[0],
+            "test_swapped": test[1] if test is not None and len(test) > 1 else None}
 
 
 def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
