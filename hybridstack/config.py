@@ -70,6 +70,19 @@ class DataConfig(Section):
 class CVConfig(Section):
     n_splits: int = Field(5, ge=2, le=50)
     seed: int = 42
+    # Where LightGBM rounds, MLP epochs and fine-tune epochs are chosen. "inner": on a split
+    # of each fold's training rows (cv.inner_fraction of them, grouped and stratified like
+    # the folds), so the held-out fold's OOF predictions never helped pick their own model.
+    # "held_out_fold": on the held-out fold itself (every training row fits, but the OOF
+    # then peeks at its own labels and the CV score is optimistic).
+    early_stopping: Literal["inner", "held_out_fold"] = "inner"
+    inner_fraction: float = Field(0.1, gt=0, le=0.5)
+
+    def early_stopping_settings(self) -> dict[str, Any]:
+        """What a model that early-stops depends on ({} for held_out_fold: older runs' hashes)."""
+        if self.early_stopping == "held_out_fold":
+            return {}
+        return {"early_stopping": self.early_stopping, "inner_fraction": self.inner_fraction}
 
 
 class LogRegModel(Section):

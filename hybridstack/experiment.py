@@ -12,7 +12,7 @@ import json
 import logging
 import tomllib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import joblib
@@ -21,7 +21,7 @@ import pandas as pd
 
 from hybridstack.config import Config, config_from_dict
 from hybridstack.errors import HybridstackError
-from hybridstack.folds import make_folds
+from hybridstack.folds import fold_rows, make_folds
 from hybridstack.runs import (
     ExperimentDir,
     read_json,
@@ -46,6 +46,7 @@ class Experiment:
     sample: pd.DataFrame | None
     folds: np.ndarray  # (n_train,) int8 fold id
     fingerprint: str  # hash of the input files and the settings that shape train rows
+    _stopping_rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_splits(self) -> int:
@@ -55,6 +56,25 @@ class Experiment:
         """What a stage's DONE marker records: the data fingerprint + its config sections."""
         blob = self.fingerprint + self.cfg.section_hash(*sections)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def stopping_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(fit_rows, stop_rows): fold ``k``'s training rows split for early stopping.
+
+        ``stop_rows`` are about ``cv.inner_fraction`` of them, grouped (pairwise: by prompt)
+        and stratified as the folds are, the same for every model of the experiment.
+        """
+        if k not in self._stopping_rows:
+            train_rows, _ = fold_rows(self.folds, k)
+            n_parts = max(2, round(1 / self.cfg.cv.inner_fraction))
+            groups = None if self.train.groups is None else self.train.groups[train_rows]
+            part = make_folds(self.task.stratify_target(self.train.Y[train_rows]), n_parts,
+                              self.cfg.cv.seed + k, groups)
+            self._stopping_rows[k] = (train_rows[part != 0], train_rows[part == 0])
+        return self._stopping_rows[k]
+
+    def early_stopping_split(self):
+        """``stopping_rows`` under ``cv.early_stopping = "inner"``; None on the held-out fold."""
+        return self.stopping_rows if self.cfg.cv.early_stopping == "inner" else None
 
     def settings_hash(self, settings: dict) -> str:
         """What one model's DONE marker records: the data fingerprint + that model's own
@@ -208,7 +228,8 @@ def dataset_record(cfg: Config, task: Task, train: Dataset, test: Dataset | None
         "task": cfg.task.model_dump(mode="json"),
         "read": {"delimiter": cfg.data.delimiter, "column_names": cfg.data.column_names},
         "clean": cfg.data.clean.model_dump(mode="json"),
-        "cv": cfg.cv.model_dump(mode="json"),
+        # the settings that make the folds (early stopping is a model setting)
+        "cv": cfg.cv.model_dump(mode="json", include={"n_splits", "seed"}),
     }
     fingerprint = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
     return {

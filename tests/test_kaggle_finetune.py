@@ -139,14 +139,18 @@ def test_check_finite_stops_every_process_when_one_diverges():
 def test_process_count_joins_the_hash_and_one_process_keeps_the_old_hash(make_config, hub_deberta):
     import hashlib
 
-    cfg, _ = make_config("multiclass", n_train=30, n_test=6, finetune=section(hub_deberta))
+    cfg, _ = make_config("multiclass", n_train=30, n_test=6, finetune=section(hub_deberta),
+                         cv={"early_stopping": "held_out_fold"})
     exp = open_experiment(cfg)
     assert stage.fold_config_hash(exp, 2) != stage.fold_config_hash(exp, 1)
-    # the formula of the first release: runs it finished are not refitted after the upgrade
+    # the formula of the first release (its best epoch was chosen on the held-out fold):
+    # runs it finished are not refitted after the upgrade when that choice is kept
     old = cfg.finetune.model_dump(mode="json", exclude={"enabled", "folds", "num_workers"})
     old.pop("attention_dropout")
     legacy = hashlib.sha256((exp.fingerprint + json.dumps(old, sort_keys=True)).encode())
     assert stage.fold_config_hash(exp, 1) == legacy.hexdigest()[:16]
+    exp.cfg.cv.early_stopping = "inner"  # the default now: the epoch is chosen elsewhere
+    assert stage.fold_config_hash(exp, 1) != legacy.hexdigest()[:16]
 
 
 def test_run_all_launches_only_the_finetune_on_n_processes(make_config, monkeypatch):

@@ -333,6 +333,10 @@ class KNNFeatureHead(BaseEstimator):
     def best_iteration_(self) -> int | None:
         return getattr(self.base_head_, "best_iteration_", None)
 
+    @property
+    def early_stops(self) -> bool:
+        return getattr(self.base_head, "early_stops", False)
+
     # faiss indexes are SWIG objects: pickle them (FoldStore uses joblib) as serialised bytes;
     # a head with a pool is pickled with positions into it instead (no vectors at all)
     def __getstate__(self) -> dict[str, Any]:

@@ -60,6 +60,15 @@ class FoldInputs:
     Y_valid: np.ndarray  # (n_valid, C)
     test_views: list[EncodedRows] | None = None
     permutation: list[int] | None = None
+    # the rows the best epoch is chosen on (an inner split of the training rows); None:
+    # the held-out fold itself (its OOF predictions then picked their own epoch)
+    stop_views: list[EncodedRows] | None = None
+    Y_stop: np.ndarray | None = None
+
+    def epoch_choice_views(self) -> tuple[list[EncodedRows], np.ndarray]:
+        if self.stop_views is None:
+            return self.valid_views, self.Y_valid
+        return self.stop_views, self.Y_stop
 
 
 @dataclass
@@ -107,6 +116,7 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
     loss_fn = make_loss(multilabel, 0.0 if multilabel else cfg.label_smoothing, weights)
 
     checkpoints = FoldCheckpoints(accelerator, fold_dir, config_hash)
+    choice_views, Y_choice = inputs.epoch_choice_views()
     state = checkpoints.resume()
     while state.epoch < cfg.epochs and not state.stopped:
         # the prepared loader re-seeds its sampler with its own epoch counter on every
@@ -125,9 +135,9 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
                 f"step {err.step} ({accelerator.mixed_precision} precision); re-run with "
                 "--set finetune.mixed_precision=no or a lower finetune.lr (finished folds are kept, "
                 "this fold restarts)") from None
-        valid_pred = predict_views(accelerator, model, inputs.valid_views, inputs.permutation,
-                                   tokenizer, cfg.eval_batch_size, multilabel)
-        score = task.score(inputs.Y_valid, valid_pred)
+        choice_pred = predict_views(accelerator, model, choice_views, inputs.permutation,
+                                    tokenizer, cfg.eval_batch_size, multilabel)
+        score = task.score(Y_choice, choice_pred)
         improved = update_early_stopping(state, score, task, cfg.patience)
         log_epoch(fold, state, stats, task.metric_name, score, improved)
         if improved:

@@ -165,6 +165,7 @@ def fit_oof(
     swap: SwapView | None = None,
     store: FoldStore | None = None,
     only_folds: list[int] | None = None,
+    stopping_rows: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> OOFResult:
     """Cross-validate ``head`` on the given folds.
 
@@ -177,6 +178,10 @@ def fit_oof(
     swap : optional swapped view for augmentation / test-time averaging.
     store : optional FoldStore; finished folds are loaded instead of refitted.
     only_folds : train only these folds; other OOF rows stay NaN.
+    stopping_rows : ``k -> (fit_rows, stop_rows)``, a split of fold k's training rows; a
+        head that early-stops (``head.early_stops``) then fits on ``fit_rows`` and stops on
+        ``stop_rows``, so the held-out fold never picks its own model. Without it, such a
+        head stops on the held-out fold (optimistic OOF).
 
     Returns
     -------
@@ -194,12 +199,15 @@ def fit_oof(
             log.info("fold %d: loaded finished fold from %s", k, store.model_path.name)
         else:
             fold_start = time.perf_counter()
-            X_fit, Y_fit = _rows(X, train_rows), Y[train_rows]
+            fit_rows, stop_rows = train_rows, valid_rows
+            if stopping_rows is not None and getattr(head, "early_stops", False):
+                fit_rows, stop_rows = stopping_rows(k)
+            X_fit, Y_fit = _rows(X, fit_rows), Y[fit_rows]
             if swap is not None and swap.augment:
-                X_fit = _stack(X_fit, _rows(swap.X, train_rows))
+                X_fit = _stack(X_fit, _rows(swap.X, fit_rows))
                 Y_fit = np.concatenate([Y_fit, swapped_targets(Y_fit, swap.permutation)])
             model = clone(head)
-            model.fit(X_fit, Y_fit, _rows(X, valid_rows), Y[valid_rows])
+            model.fit(X_fit, Y_fit, _rows(X, stop_rows), Y[stop_rows])
             use_tta = swap is not None and swap.tta
             valid_pred = predict_views(
                 model, _rows(X, valid_rows),

@@ -24,6 +24,8 @@ class LightGBMHead(BaseEstimator):
     random_state : seed of bagging and feature sampling.
     """
 
+    early_stops = True  # fit_oof passes it rows to stop on that are not the held-out fold
+
     def __init__(self, multilabel: bool = False, num_leaves: int = 31, learning_rate: float = 0.05,
                  n_estimators: int = 2000, min_child_samples: int = 20, subsample: float = 0.8,
                  colsample_bytree: float = 0.5, reg_lambda: float = 1.0,

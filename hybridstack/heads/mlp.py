@@ -39,6 +39,8 @@ class TorchMLPHead(BaseEstimator):
     random_state : seeds weight init, dropout and the shuffling generator.
     """
 
+    early_stops = True  # fit_oof passes it rows to stop on that are not the held-out fold
+
     def __init__(self, multilabel: bool = False, hidden_sizes: tuple[int, ...] = (512, 128),
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 1e-2,
                  batch_size: int = 256, max_epochs: int = 100, patience: int = 8,

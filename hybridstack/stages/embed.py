@@ -107,6 +107,8 @@ def head_config_hash(exp: Experiment, cache: EmbeddingCache, spec: Any) -> str:
     settings = {"embed": embed,
                 "encoder": cache.key, "head": type(spec).__name__, "spec": spec.model_dump(),
                 "layout": FEATURE_LAYOUT}
+    if getattr(build_head(spec, exp.task.kind == "multilabel", exp.cfg.cv.seed), "early_stops", False):
+        settings.update(exp.cfg.cv.early_stopping_settings())
     return exp.settings_hash(settings)
 
 
@@ -121,7 +123,8 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures, po
                         augment=embed.swap_augment, tta=embed.swap_tta)
     result = fit_oof(make_head(spec, exp, features, pool), features.X, exp.train.Y, exp.folds,
                      features.X_test, score=exp.task.score, swap=swap,
-                     store=FoldStore(model.path, config_hash))
+                     store=FoldStore(model.path, config_hash),
+                     stopping_rows=exp.early_stopping_split())
     if embed.knn:
         # what predict numbers new rows' kNN groups by, so it never needs train.csv again
         train_groups = features.X[:, -1].astype(np.int64)

@@ -68,6 +68,7 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
             settings.pop(key)
     if num_processes > 1:
         settings["num_processes"] = num_processes
+    settings.update(exp.cfg.cv.early_stopping_settings())  # the best epoch's rows
     if not with_precision:
         settings.pop("mixed_precision")
     return exp.settings_hash(settings)
@@ -139,6 +140,10 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
     """The training rows (subsampled, swap-augmented) and prediction views of one fold."""
     ft, task, Y = exp.cfg.finetune, exp.task, exp.train.Y
     train_rows, valid_rows = fold_rows(exp.folds, fold)
+    split = exp.early_stopping_split()
+    stop_rows = None
+    if split is not None:  # the best epoch is chosen on rows outside the held-out fold
+        train_rows, stop_rows = split(fold)
     if ft.max_train_rows is not None and ft.max_train_rows < len(train_rows):
         rng = np.random.default_rng(ft.seed + fold)
         train_rows = np.sort(rng.choice(train_rows, ft.max_train_rows, replace=False))
@@ -148,14 +153,20 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
         ids += [views["train_swapped"][i] for i in train_rows]
         targets = np.concatenate([targets, swapped_targets(targets, task.swap_permutation)])
     tta = ft.swap_tta and views["train_swapped"] is not None
-    valid_views = [EncodedRows([views["train"][i] for i in valid_rows])]
-    test_views = None if views["test"] is None else [EncodedRows(views["test"])]
-    if tta:
-        valid_views.append(EncodedRows([views["train_swapped"][i] for i in valid_rows]))
-        if test_views is not None:
-            test_views.append(EncodedRows(views["test_swapped"]))
-    return FoldInputs(EncodedRows(ids, targets), valid_views, Y[valid_rows], test_views,
-                      task.swap_permutation if tta else None)
+    test_views = None if views["test"] is None else prediction_views(views, "test", None, tta)
+    return FoldInputs(EncodedRows(ids, targets), prediction_views(views, "train", valid_rows, tta),
+                      Y[valid_rows], test_views, task.swap_permutation if tta else None,
+                      stop_views=None if stop_rows is None else prediction_views(
+                          views, "train", stop_rows, tta),
+                      Y_stop=None if stop_rows is None else Y[stop_rows])
+
+
+def prediction_views(views: dict, split: str, rows: np.ndarray | None,
+                     tta: bool) -> list[EncodedRows]:
+    """``rows`` of ``split`` (all when None) in the original view, and swapped under TTA."""
+    names = [split, f"{split}_swapped"] if tta else [split]
+    return [EncodedRows(views[name] if rows is None else [views[name][i] for i in rows])
+            for name in names]
 
 
 def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, model_path,
