@@ -58,8 +58,14 @@ def test_stack_writes_every_file_and_a_valid_submission(stacked):
         assert (folder.path / name).is_file(), name
     scores = folder.load_scores()
     assert set(scores["candidates"]) == {"single:a", "single:b", "weighted", "logreg", "lgbm"}
-    assert scores["overall"] == scores["candidates"][scores["chosen"]]["overall"]
+    # the reported score is the outer loop's, each fold predicted by the candidate chosen
+    # on inner folds without it: the choice is inside the nest
+    exp = open_experiment(cfg)
+    assert scores["overall"] == pytest.approx(exp.task.score(exp.train.Y, folder.load_oof()))
+    assert set(scores["chosen_per_fold"]) == {str(k) for k in range(cfg.cv.n_splits)}
+    assert set(scores["chosen_per_fold"].values()) <= set(scores["candidates"])
     assert scores["rows_excluded"] == 0 and scores["rows_validated"] == 150
+    assert scores["rows_basis"] == ["a", "b"] and scores["level"] == 1
     assert folder.load_oof().shape == (150, 6) and folder.load_test().shape == (40, 6)
 
     weights = json.loads((folder.path / "weights.json").read_text())
@@ -70,7 +76,6 @@ def test_stack_writes_every_file_and_a_valid_submission(stacked):
     assert set(thresholds) == set(cfg.task.label_columns)
     assert all(0 <= t["f1"] <= 1 for t in thresholds.values())
 
-    exp = open_experiment(cfg)
     sub = pd.read_csv(exp_dir.submission_path, dtype={"id": str})
     exp.task.validate_submission(sub, exp.sample, exp.test.ids)
     assert list(sub.columns) == list(exp.sample.columns)
@@ -107,7 +112,7 @@ def test_skipped_when_done_and_rerun_when_the_base_models_change(stacked, capsys
     assert exp_dir.stack.done_path.read_text() != first
 
 
-def test_nan_rows_are_excluded_and_counted(stacked):
+def test_a_partial_model_joins_at_level_2_without_shrinking_level_1(stacked):
     cfg, exp_dir = stacked("multilabel")
     folds = np.load(exp_dir.folds_path)
     oof, test, labels = copy_of(exp_dir, "b")
@@ -115,14 +120,19 @@ def test_nan_rows_are_excluded_and_counted(stacked):
     fake_model(exp_dir, "partial", oof, test, labels)
     stack.run(cfg)
     scores = exp_dir.stack.load_scores()
-    assert scores["rows_excluded"] == int((folds == 2).sum())
-    assert scores["rows_validated"] == int((folds != 2).sum())
-    assert scores["stacking_folds"] == "outer folds"
+    level1, level2 = scores["levels"]["1"], scores["levels"]["2"]
+    assert level1["rows_validated"] == 150 and level1["models"] == ["a", "b"]
+    assert level2["rows_validated"] == int((folds != 2).sum())
+    assert level2["models"] == ["level1", "partial"] and level2["stacking_folds"] == "outer folds"
+    # whichever level wrote the submission, its score says over which rows
+    expected = level2 if scores["level"] == 2 else level1
+    assert scores["rows_validated"] == expected["rows_validated"]
+    assert scores["rows_basis"] == (["partial"] if scores["level"] == 2 else ["a", "b"])
     stacked_oof = exp_dir.stack.load_oof()
-    assert np.isnan(stacked_oof[folds == 2]).all() and not np.isnan(stacked_oof[folds != 2]).any()
+    assert (~np.isnan(stacked_oof).any(axis=1)).sum() == scores["rows_validated"]
 
 
-def test_rows_covered_in_one_fold_only_are_resplit(stacked):
+def test_a_model_covering_fold_0_only_does_not_reduce_the_full_coverage_rows(stacked):
     cfg, exp_dir = stacked("multilabel")
     folds = np.load(exp_dir.folds_path)
     oof, test, labels = copy_of(exp_dir, "b")
@@ -130,9 +140,13 @@ def test_rows_covered_in_one_fold_only_are_resplit(stacked):
     fake_model(exp_dir, "fold0", oof, test, labels)
     stack.run(cfg)
     scores = exp_dir.stack.load_scores()
-    assert scores["rows_validated"] == int((folds == 0).sum())
-    assert scores["stacking_folds"].startswith("covered rows lie in one outer fold")
-    assert len(scores["per_fold"]) == cfg.cv.n_splits
+    assert scores["levels"]["1"]["rows_validated"] == 150  # all rows, not fold 0's 30
+    level2 = scores["levels"]["2"]
+    assert level2["rows_validated"] == int((folds == 0).sum())
+    assert level2["stacking_folds"].startswith("covered rows lie in one outer fold")
+    assert len(level2["per_fold"]) == cfg.cv.n_splits
+    # the fallback to level 1 is compared on level 2's rows: both candidates there
+    assert {"single:level1", "single:fold0", "weighted"} <= set(level2["candidates"])
 
 
 def test_single_base_model_falls_back_to_it(stacked):

@@ -13,7 +13,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.linear_model import LogisticRegressionCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -74,17 +74,30 @@ class LogRegMeta(BaseEstimator):
     ----------
     inner_folds : folds of the inner CV that picks the regularisation strength.
     random_state : seed of the inner fold split.
+    C : fixed strengths instead of the inner CV (one, or one per label): see :meth:`frozen`.
     """
 
-    def __init__(self, inner_folds: int = 3, random_state: int = 42):
+    def __init__(self, inner_folds: int = 3, random_state: int = 42,
+                 C: float | list[float] | None = None):
         self.inner_folds = inner_folds
         self.random_state = random_state
+        self.C = C
 
-    def _model(self, scoring: str) -> Pipeline:
+    def _model(self, scoring: str, label: int = 0) -> Pipeline:
+        if self.C is not None:
+            C = self.C[label] if isinstance(self.C, list) else self.C
+            return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
         cv = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
         return make_pipeline(StandardScaler(), LogisticRegressionCV(
             Cs=LOGREG_CS, l1_ratios=(0.0,), cv=cv, scoring=scoring, max_iter=1000,
             use_legacy_attributes=False))
+
+    def frozen(self) -> LogRegMeta:
+        """Unfitted, with the strengths this fit chose: one plain fit each, no inner CV."""
+        if hasattr(self, "model_"):
+            return LogRegMeta(self.inner_folds, self.random_state, C=float(self.model_[-1].C_))
+        chosen = [1.0 if isinstance(m, float) else float(m[-1].C_) for m in self.models_]
+        return LogRegMeta(self.inner_folds, self.random_state, C=chosen)
 
     def fit(self, X: StackInput, Y: np.ndarray, X_val: Any = None, Y_val: Any = None) -> LogRegMeta:
         features = X.flat_logits()
@@ -93,7 +106,7 @@ class LogRegMeta(BaseEstimator):
         with threadpool_limits(limits=1):
             if X.multilabel:
                 self.models_ = fit_per_label(
-                    Y, lambda j: self._model("roc_auc").fit(features, Y[:, j]),
+                    Y, lambda j: self._model("roc_auc", j).fit(features, Y[:, j]),
                     _cross_validatable(self.inner_folds))
             else:
                 self.model_ = self._model("neg_log_loss").fit(features, Y.argmax(axis=1))
@@ -117,7 +130,7 @@ class LogRegMeta(BaseEstimator):
         importance = np.sum([np.abs(m[-1].coef_).sum(axis=0) for m in fitted], axis=0)
         return {"kind": "importance share",
                 "weights": _model_shares(importance, self.n_models_, self.n_classes_),
-                "C": [float(m[-1].C_) for m in fitted]}
+                "C": [float(getattr(m[-1], "C_", m[-1].C)) for m in fitted]}
 
 
 class LGBMMeta(BaseEstimator):
@@ -132,20 +145,35 @@ class LGBMMeta(BaseEstimator):
     ----------
     inner_folds : folds of the inner CV that picks the number of rounds.
     random_state : seed of LightGBM and of the inner fold split.
+    rounds : fixed boosting rounds instead of the inner CV (one, or one per label): see
+        :meth:`frozen`.
     """
 
-    def __init__(self, inner_folds: int = 3, random_state: int = 42):
+    def __init__(self, inner_folds: int = 3, random_state: int = 42,
+                 rounds: int | list[int] | None = None):
         self.inner_folds = inner_folds
         self.random_state = random_state
+        self.rounds = rounds
+
+    def frozen(self) -> LGBMMeta:
+        """Unfitted, with the rounds this fit chose: one plain fit each, no inner CV."""
+        if hasattr(self, "model_"):
+            return LGBMMeta(self.inner_folds, self.random_state, rounds=self.model_.current_iteration())
+        chosen = [0 if isinstance(m, float) else m.current_iteration() for m in self.models_]
+        return LGBMMeta(self.inner_folds, self.random_state, rounds=chosen)
 
     @staticmethod
     def _features(X: StackInput) -> np.ndarray:
         logits = X.flat_logits()
         return logits if X.meta is None else np.hstack([logits, X.meta.astype(np.float64)])
 
-    def _train(self, features: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> lgb.Booster:
+    def _train(self, features: np.ndarray, y: np.ndarray, params: dict[str, Any],
+               label: int = 0) -> lgb.Booster:
         params = {**_LGBM_PARAMS, **params, "seed": self.random_state}
         y = np.ascontiguousarray(y)  # a label column of Y is a strided view LightGBM would copy
+        if self.rounds is not None:
+            rounds = self.rounds[label] if isinstance(self.rounds, list) else self.rounds
+            return lgb.train(params, lgb.Dataset(features, y), num_boost_round=max(rounds, 1))
         history = lgb.cv(params, lgb.Dataset(features, y), num_boost_round=_LGBM_MAX_ROUNDS,
                          nfold=self.inner_folds, stratified=True, seed=self.random_state,
                          callbacks=[lgb.early_stopping(_LGBM_EARLY_STOP, verbose=False)])
@@ -157,7 +185,7 @@ class LGBMMeta(BaseEstimator):
         self.n_models_, self.n_classes_ = X.n_models, X.n_classes
         if X.multilabel:
             binary = {"objective": "binary", "metric": "auc"}
-            self.models_ = fit_per_label(Y, lambda j: self._train(features, Y[:, j], binary),
+            self.models_ = fit_per_label(Y, lambda j: self._train(features, Y[:, j], binary, j),
                                          _cross_validatable(self.inner_folds))
         else:
             multiclass = {"objective": "multiclass", "num_class": X.n_classes,

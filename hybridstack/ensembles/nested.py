@@ -4,6 +4,11 @@ A stacker is fitted on the OOF rows of the other folds and predicts the held-out
 exactly as the base models were validated, so its score is comparable with theirs. Its
 ``fit`` receives only the training rows' labels; the held-out fold's labels are used
 for nothing but the score.
+
+Picking the best of several candidates by those scores and reporting the winner's score
+is optimistic again (the maximum of noisy estimates). :func:`selected_oof` moves the
+choice inside the nest: each outer fold is predicted by the candidate chosen on inner
+folds of the other rows, so the reported score includes the cost of choosing.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,7 @@ class NestedResult:
     fold_scores: dict[int, float]
     overall: float
     seconds: float
+    models: dict[int, Any] = field(default_factory=dict, repr=False)  # fitted per outer fold
 
 
 def nested_oof(
@@ -61,15 +67,17 @@ def nested_oof(
     started = time.perf_counter()
     oof = np.full(Y.shape, np.nan, dtype=np.float32)
     fold_scores: dict[int, float] = {}
+    models: dict[int, Any] = {}
     for k in np.unique(fold_id[fold_id >= 0]).tolist():
         train_rows = np.flatnonzero((fold_id >= 0) & (fold_id != k))
         valid_rows = np.flatnonzero(fold_id == k)
         model = clone(stacker).fit(X[train_rows], Y[train_rows])  # no held-out labels passed
         oof[valid_rows] = model.predict_proba(X[valid_rows])
         fold_scores[k] = score(Y[valid_rows], oof[valid_rows])
+        models[k] = model
     used = fold_id >= 0
     overall = score(Y[used], oof[used])
-    return NestedResult(oof, fold_scores, overall, time.perf_counter() - started)
+    return NestedResult(oof, fold_scores, overall, time.perf_counter() - started, models)
 
 
 @dataclass
@@ -101,3 +109,61 @@ def choose(results: dict[str, NestedResult], greater_is_better: bool) -> Choice:
     return Choice(best_single, f"no stacker beat the best single model {single_name} "
                                f"({single_score:.5f}; best stacker {best} "
                                f"{stackers[best].overall:.5f}): falling back to it")
+
+
+@dataclass
+class SelectionResult:
+    """The outer loop with the choice inside: the honest score of "choose, then fit".
+
+    Attributes
+    ----------
+    oof : (n, C) float32; each outer fold predicted by the candidate chosen without it.
+    fold_scores : metric of each outer fold. overall : metric over all stacked rows.
+    chosen : the candidate chosen for each outer fold. seconds : wall time.
+    """
+
+    oof: np.ndarray
+    fold_scores: dict[int, float]
+    overall: float
+    chosen: dict[int, str]
+    seconds: float
+
+
+def selected_oof(
+    results: dict[str, NestedResult],
+    X: StackInput,
+    Y: np.ndarray,
+    fold_id: np.ndarray,
+    score: Callable[[np.ndarray, np.ndarray], float],
+    greater_is_better: bool,
+    inner_folds: Callable[[np.ndarray], np.ndarray],
+) -> SelectionResult:
+    """For each outer fold k: choose a candidate (:func:`choose`) by CV on inner folds of the
+    other rows (``inner_folds(rows)``), and predict fold k with that candidate's model fitted
+    on those rows (``results[name].models[k]``, from :func:`nested_oof`).
+
+    Inside the inner CV a meta-model keeps the settings its outer fit chose on the same
+    rows (``frozen()``: regularisation, rounds), so choosing costs one plain fit per
+    candidate and inner fold; fold k's labels touch neither the settings nor the choice.
+    """
+    started = time.perf_counter()
+    oof = np.full(Y.shape, np.nan, dtype=np.float32)
+    fold_scores: dict[int, float] = {}
+    chosen: dict[int, str] = {}
+    for k in np.unique(fold_id[fold_id >= 0]).tolist():
+        train_rows = np.flatnonzero((fold_id >= 0) & (fold_id != k))
+        valid_rows = np.flatnonzero(fold_id == k)
+        inner_id = np.full(len(Y), -1, dtype=np.int64)
+        inner_id[train_rows] = inner_folds(train_rows)
+        inner = {}
+        for name, result in results.items():
+            outer_fit = result.models[k]
+            candidate = outer_fit.frozen() if hasattr(outer_fit, "frozen") else clone(outer_fit)
+            inner[name] = nested_oof(candidate, X, Y, inner_id, score)
+        chosen[k] = choose(inner, greater_is_better).name
+        oof[valid_rows] = results[chosen[k]].oof[valid_rows]
+        fold_scores[k] = score(Y[valid_rows], oof[valid_rows])
+        log.info("stack: outer fold %d: %s chosen on inner folds, %.5f", k, chosen[k], fold_scores[k])
+    used = fold_id >= 0
+    return SelectionResult(oof, fold_scores, score(Y[used], oof[used]), chosen,
+                           time.perf_counter() - started)

@@ -40,6 +40,10 @@ class Predictor:
         self.label_names = ctx.task.label_names
         self.multilabel = ctx.task.kind == "multilabel"
         self.stacker = stack_model["stacker"]
+        # the models level 1 stacks (all of them in runs made before levels existed), and
+        # level 2: a blend of level 1 with the models that cover only some folds, if it won
+        self.level1_models = stack_model.get("level1_models", stack_model["models"])
+        self.level2 = stack_model.get("level2")
         self.use_meta_features = stack_model["meta_features"]
         self.base_models = base_models
         stack = ctx.dir.stack
@@ -80,9 +84,13 @@ class Predictor:
 
     def stack(self, ds: Dataset, base_preds: dict[str, np.ndarray]) -> np.ndarray:
         """The stacker on base-model predictions, built like ``stages.stack.build_inputs``."""
-        probs = np.stack([base_preds[m.name] for m in self.base_models], axis=1)
+        probs = np.stack([base_preds[name] for name in self.level1_models], axis=1)
         meta = meta_features(ds.fields) if self.use_meta_features else None
-        return self.stacker.predict_proba(StackInput(probs, meta, self.multilabel))
+        P = self.stacker.predict_proba(StackInput(probs, meta, self.multilabel))
+        if self.level2 is None:
+            return P
+        probs = np.stack([P] + [base_preds[name] for name in self.level2["models"]], axis=1)
+        return self.level2["stacker"].predict_proba(StackInput(probs, None, self.multilabel))
 
     def labels_from_proba(self, P: np.ndarray) -> np.ndarray:
         """Multilabel: (n, K) int8 0/1 with the tuned thresholds; else (n,) class names (argmax)."""

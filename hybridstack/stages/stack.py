@@ -22,8 +22,16 @@ from hybridstack.config import Config
 from hybridstack.ensembles import make_stacker
 from hybridstack.ensembles.inputs import StackInput, meta_features
 from hybridstack.ensembles.meta import SelectModel
-from hybridstack.ensembles.nested import SINGLE_PREFIX, Choice, NestedResult, choose, nested_oof
-from hybridstack.ensembles.thresholds import tune_thresholds
+from hybridstack.ensembles.nested import (
+    SINGLE_PREFIX,
+    Choice,
+    NestedResult,
+    SelectionResult,
+    choose,
+    nested_oof,
+    selected_oof,
+)
+from hybridstack.ensembles.thresholds import held_out_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.folds import make_folds
@@ -180,11 +188,15 @@ def stacking_folds(exp: Experiment, covered: np.ndarray) -> tuple[np.ndarray, st
     if len(np.unique(fold_id[covered])) >= 2:
         return fold_id, "outer folds"
     rows = np.flatnonzero(covered)
-    groups = None if exp.train.groups is None else exp.train.groups[rows]
-    inner = make_folds(exp.task.stratify_target(exp.train.Y[rows]), exp.cfg.cv.n_splits,
-                       exp.cfg.cv.seed, groups)
-    fold_id[rows] = inner
+    fold_id[rows] = split_rows(exp, rows, exp.cfg.cv.n_splits)
     return fold_id, "covered rows lie in one outer fold: re-split into cv.n_splits folds"
+
+
+def split_rows(exp: Experiment, rows: np.ndarray, n_splits: int) -> np.ndarray:
+    """Fold ids for ``rows``, grouped (pairwise: by prompt) and stratified like the folds."""
+    groups = None if exp.train.groups is None else exp.train.groups[rows]
+    return make_folds(exp.task.stratify_target(exp.train.Y[rows]), n_splits, exp.cfg.cv.seed,
+                      groups)
 
 
 def candidate_stackers(cfg: Config, n_models: int) -> dict[str, Any]:
@@ -198,17 +210,89 @@ def candidate_stackers(cfg: Config, n_models: int) -> dict[str, Any]:
     return candidates
 
 
-def evaluate_candidates(exp: Experiment, bases: list[BaseModel], X: StackInput,
-                        fold_id: np.ndarray) -> tuple[dict[str, Any], dict[str, NestedResult]]:
-    """Nested-CV results of every single model and stacker, keyed by candidate name."""
-    stackers = {f"{SINGLE_PREFIX}{b.name}": SelectModel(index=i) for i, b in enumerate(bases)}
-    stackers.update(candidate_stackers(exp.cfg, len(bases)))
+@dataclass
+class Level:
+    """One stacking level: its models, the rows it was validated on and what it chose.
+
+    ``results`` are each candidate's nested-CV scores (the choice among them made on the
+    same rows, so the best of them is optimistic); ``selected`` is the honest score of the
+    whole procedure, the choice made inside each outer fold.
+    """
+
+    names: list[str]
+    rows: np.ndarray  # (n_train,) bool
+    fold_id: np.ndarray
+    fold_source: str
+    results: dict[str, NestedResult]
+    choice: Choice
+    selected: SelectionResult
+    final: Any  # the chosen candidate refitted on every row of the level
+    test_pred: np.ndarray | None
+
+
+def fit_level(exp: Experiment, names: list[str], X: StackInput, X_test: StackInput | None,
+              rows: np.ndarray, label: str) -> Level:
+    """Score every candidate on ``rows``, choose one, score the choice honestly, refit it."""
+    fold_id, fold_source = stacking_folds(exp, rows)
+    stackers = {f"{SINGLE_PREFIX}{n}": SelectModel(index=i) for i, n in enumerate(names)}
+    stackers.update(candidate_stackers(exp.cfg, len(names)))
     results = {}
     for name, stacker in stackers.items():
         results[name] = nested_oof(stacker, X, exp.train.Y, fold_id, exp.task.score)
-        print(f"stack: {name}: nested {exp.task.metric_name} = {results[name].overall:.5f} "
+        print(f"stack {label}: {name}: nested {exp.task.metric_name} = {results[name].overall:.5f} "
               f"({results[name].seconds:.1f}s)", flush=True)
-    return stackers, results
+    choice = choose(results, exp.task.greater_is_better)
+    selected = selected_oof(results, X, exp.train.Y, fold_id, exp.task.score,
+                            exp.task.greater_is_better,
+                            lambda r: split_rows(exp, r, exp.cfg.stack.inner_folds))
+    print(f"stack {label}: chose {choice.name}: {choice.note}; with the choice inside the "
+          f"nest: {exp.task.metric_name} = {selected.overall:.5f} over {int(rows.sum())} rows "
+          f"({selected.seconds:.1f}s)", flush=True)
+    final = clone(stackers[choice.name]).fit(X[np.flatnonzero(rows)], exp.train.Y[rows])
+    test_pred = None if X_test is None else final.predict_proba(X_test)
+    return Level(names, rows, fold_id, fold_source, results, choice, selected, final, test_pred)
+
+
+def covers_every_row(model: BaseModel) -> bool:
+    return not np.isnan(model.oof).any()
+
+
+def stack_levels(exp: Experiment, bases: list[BaseModel]) -> tuple[Level, Level | None]:
+    """Level 1 stacks the models that cover every row, on every row. Models covering only
+    some folds (a fine-tune on fold 0) join at level 2, on the rows they cover, as a blend
+    of level 1 and them (a weight and a temperature), which must beat level 1 there.
+
+    Without any full-coverage model, level 1 is every model on the rows all of them cover.
+    """
+    full = [b for b in bases if covers_every_row(b)] or bases
+    partial = [b for b in bases if b not in full]
+    X, X_test = build_inputs(exp, full)
+    rows = X.covered_rows()
+    if not rows.any():
+        raise HybridstackError(
+            "stack: no train row is predicted by every chosen base model; choose models that "
+            "share validated folds with stack.models")
+    level1 = fit_level(exp, [b.name for b in full], X, X_test, rows, "level 1")
+    if not partial:
+        return level1, None
+    X2 = stack_input([level1.selected.oof] + [b.oof for b in partial], exp.task.kind)
+    X2_test = None if X_test is None else stack_input(
+        [level1.test_pred] + [b.test for b in partial], exp.task.kind)
+    rows2 = level1.rows & X2.covered_rows()
+    if not rows2.any():
+        raise HybridstackError(
+            f"stack: no train row is predicted by every chosen base model ({', '.join(b.name for b in partial)} "
+            "share no validated row); choose models that share validated folds with stack.models")
+    names2 = [LEVEL1] + [b.name for b in partial]
+    level2 = fit_level(exp, names2, X2, X2_test, rows2, "level 2")
+    return level1, level2
+
+
+LEVEL1 = "level1"  # level 2's name for level 1's blend
+
+
+def stack_input(probs: list[np.ndarray], kind: str) -> StackInput:
+    return StackInput(np.stack(probs, axis=1), None, kind == "multilabel")
 
 
 # -- the stage ------------------------------------------------------------------------------
@@ -237,76 +321,96 @@ def run(exp: Experiment | Config) -> None:
     if skip_if_done(stack, config_hash):
         return
     started = time.perf_counter()
-    X, X_test = build_inputs(exp, bases)
-    covered = X.covered_rows()
-    if not covered.any():
-        raise HybridstackError(
-            "stack: no train row is predicted by every chosen base model; choose models that "
-            "share validated folds with stack.models")
-    n_excluded = int((~covered).sum())
-    print(f"stack: {len(bases)} base models ({', '.join(b.name for b in bases)}); "
-          f"{int(covered.sum())} train rows covered, {n_excluded} excluded "
-          "(NaN OOF in some chosen model)", flush=True)
-    fold_id, fold_source = stacking_folds(exp, covered)
-    stackers, results = evaluate_candidates(exp, bases, X, fold_id)
-    choice = choose(results, exp.task.greater_is_better)
-    print(f"stack: chose {choice.name}: {choice.note}", flush=True)
-
-    final = clone(stackers[choice.name]).fit(X[np.flatnonzero(covered)], exp.train.Y[covered])
-    test_pred = None if X_test is None else final.predict_proba(X_test)
-    save_stack(exp, bases, final, choice, results, test_pred,
-               {"rows_excluded": n_excluded, "stacking_folds": fold_source,
-                "seconds": round(time.perf_counter() - started, 3)}, config_hash)
+    level1, level2 = stack_levels(exp, bases)
+    print(f"stack: {len(bases)} base models ({', '.join(b.name for b in bases)}); level 1: "
+          f"{', '.join(level1.names)} on {int(level1.rows.sum())} rows"
+          + ("" if level2 is None else f"; level 2: {', '.join(level2.names[1:])} on "
+                                       f"{int(level2.rows.sum())} rows"), flush=True)
+    if level2 is not None and level2.choice.name == f"{SINGLE_PREFIX}{LEVEL1}":
+        print("stack: level 2 does not beat level 1 on the rows it covers: level 1 is kept",
+              flush=True)
+    save_stack(exp, bases, level1, level2, time.perf_counter() - started, config_hash)
 
 
-def save_stack(exp: Experiment, bases: list[BaseModel], final: Any, choice: Choice,
-               results: dict[str, NestedResult], test_pred: np.ndarray | None,
-               info: dict[str, Any], config_hash: str) -> None:
+def level_scores(exp: Experiment, level: Level) -> dict[str, Any]:
+    """A level's honest score and the per-candidate table, each saying over which rows."""
+    rows = int(level.rows.sum())
+    return {
+        "overall": level.selected.overall,
+        "per_fold": {str(k): v for k, v in level.selected.fold_scores.items()},
+        "chosen_per_fold": {str(k): v for k, v in level.selected.chosen.items()},
+        "rows_validated": rows,
+        "chosen": level.choice.name,
+        "note": level.choice.note,
+        "stacking_folds": level.fold_source,
+        # chosen on the same rows they are scored on: the best of them is optimistic
+        "candidates": {name: {"overall": r.overall, "rows_validated": rows,
+                              "per_fold": {str(k): v for k, v in r.fold_scores.items()},
+                              "seconds": round(r.seconds, 3)} for name, r in level.results.items()},
+        "models": level.names,
+    }
+
+
+def save_stack(exp: Experiment, bases: list[BaseModel], level1: Level, level2: Level | None,
+               seconds: float, config_hash: str) -> None:
     """Write the stack folder (DONE last) and the submission."""
     stack = exp.dir.stack
-    chosen = results[choice.name]
-    used = ~np.isnan(chosen.oof).any(axis=1)
-    metrics = exp.task.metrics(exp.train.Y[used], chosen.oof[used])
-    names = [b.name for b in bases]
+    by_name = {b.name: b for b in bases}
+    wins = level2 is not None and level2.choice.name != f"{SINGLE_PREFIX}{LEVEL1}"
+    top = level2 if wins else level1
+    oof = top.selected.oof
+    used = ~np.isnan(oof).any(axis=1)
+    metrics = exp.task.metrics(exp.train.Y[used], oof[used])
+    # the rows a score is over: those every model of the level (and below) was validated on
+    basis = [n for n in top.names if n != LEVEL1] if wins else level1.names
     scores = {
         "metric_name": exp.task.metric_name,
         "greater_is_better": exp.task.greater_is_better,
-        "overall": chosen.overall,
+        **level_scores(exp, top),
         "extra": {k: v for k, v in metrics.items() if k != "metric"},
-        "per_fold": {str(k): v for k, v in chosen.fold_scores.items()},
-        "rows_validated": int(used.sum()),
-        "chosen": choice.name,
-        "note": choice.note,
-        "candidates": {name: {"overall": r.overall,
-                              "per_fold": {str(k): v for k, v in r.fold_scores.items()},
-                              "seconds": round(r.seconds, 3)} for name, r in results.items()},
-        **info,
+        "rows_basis": basis,
+        "rows_excluded": int((~used).sum()),
+        "level": 2 if wins else 1,
+        "levels": {"1": level_scores(exp, level1),
+                   **({} if level2 is None else {"2": level_scores(exp, level2)})},
+        "selection": "each outer fold predicted by the candidate chosen on inner folds of the "
+                     "other rows (stack.inner_folds)",
+        "seconds": round(seconds, 3),
     }
-    summary = final.summary()
-    weights = {"method": choice.name, "models": names, **summary,
-               "weights": dict(zip(names, summary["weights"]))}
-    write_npy(stack.oof_path, chosen.oof)
+    summary = level1.final.summary()
+    weights = {"method": level1.choice.name, "models": level1.names, **summary,
+               "weights": dict(zip(level1.names, summary["weights"]))}
+    if wins:
+        summary2 = level2.final.summary()
+        weights["level2"] = {"method": level2.choice.name, "models": level2.names, **summary2,
+                             "weights": dict(zip(level2.names, summary2["weights"]))}
+    test_pred = top.test_pred
+    write_npy(stack.oof_path, oof)
     if test_pred is not None:
         write_npy(stack.test_path, test_pred)
     write_json(stack.path / WEIGHTS_FILE, weights)
-    write_joblib(stack.path / META_MODEL_FILE,
-                 {"stacker": final, "models": names, "label_names": exp.task.label_names,
-                  "multilabel": exp.task.kind == "multilabel",
-                  "meta_features": exp.cfg.stack.meta_features})
+    write_joblib(stack.path / META_MODEL_FILE, {
+        "stacker": level1.final, "models": [b.name for b in bases],
+        "level1_models": level1.names,
+        "level2": {"stacker": level2.final, "models": level2.names[1:]} if wins else None,
+        "label_names": exp.task.label_names, "multilabel": exp.task.kind == "multilabel",
+        "meta_features": exp.cfg.stack.meta_features})
     if exp.task.kind == "multilabel":
-        write_json(stack.path / THRESHOLDS_FILE,
-                   tune_thresholds(exp.train.Y[used], chosen.oof[used], exp.task.label_names))
+        write_json(stack.path / THRESHOLDS_FILE, held_out_thresholds(
+            exp.train.Y, np.nan_to_num(oof), np.where(used, top.fold_id, -1),
+            exp.task.label_names))
     write_json(stack.scores_path, scores)
     write_json(stack.config_path, {
         "settings": {"stack": exp.cfg.stack.model_dump(mode="json"),
-                     "base_models": {b.name: b.done_hash for b in bases}},
+                     "base_models": {b.name: by_name[b.name].done_hash for b in bases}},
         "versions": library_versions(), "label_names": exp.task.label_names})
     if test_pred is not None:
-        write_submission(exp, test_pred, f"stack: {choice.name}")
+        write_submission(exp, test_pred, f"stack level {scores['level']}: {top.choice.name}")
     exp.snapshot_config()
     stack.mark_done(config_hash)
-    print(f"stack: nested CV {exp.task.metric_name} = {chosen.overall:.5f} "
-          f"({scores['rows_validated']} rows, {info['seconds']:.1f}s)")
+    print(f"stack: level {scores['level']} wrote the submission; CV {exp.task.metric_name} = "
+          f"{scores['overall']:.5f} over {scores['rows_validated']} rows (choice inside the "
+          f"nest; rows of {', '.join(basis)}), {seconds:.1f}s")
 
 
 if __name__ == "__main__":
