@@ -11,8 +11,14 @@ from sklearn.neighbors import KNeighborsClassifier
 from hybridstack.ensembles import make_stacker
 from hybridstack.ensembles.inputs import StackInput
 from hybridstack.ensembles.meta import LGBMMeta, LogRegMeta, SelectModel
-from hybridstack.ensembles.nested import SINGLE_PREFIX, NestedResult, choose, nested_oof
-from hybridstack.ensembles.thresholds import apply_thresholds, tune_thresholds
+from hybridstack.ensembles.nested import (
+    SINGLE_PREFIX,
+    NestedResult,
+    choose,
+    nested_oof,
+    selected_oof,
+)
+from hybridstack.ensembles.thresholds import apply_thresholds, held_out_thresholds, tune_thresholds
 from hybridstack.ensembles.weighted import WeightedBlend, rank_auc
 from hybridstack.tasks import mean_column_auc, multiclass_log_loss
 
@@ -269,3 +275,60 @@ def test_stack_input_rows_and_coverage():
     np.testing.assert_array_equal(X.covered_rows(), [True, False, True, True])
     assert X[np.array([2, 3])].meta[:, 0].tolist() == [2, 3]
     assert X.flat_logits().shape == (4, 6)
+
+
+# -- the choice inside the nest ----------------------------------------------------------------
+
+
+def _inner_folds(rows: np.ndarray) -> np.ndarray:
+    return np.arange(len(rows)) % 3
+
+
+def test_choosing_among_many_noise_models_is_optimistic_unless_the_choice_is_nested():
+    rng = np.random.default_rng(12)
+    n, m = 200, 60
+    X = StackInput(rng.uniform(size=(n, m, 1)).astype(np.float32), multilabel=True)
+    Y = (rng.uniform(size=(n, 1)) < 0.5).astype(np.float32)  # no model knows anything
+    folds = np.arange(n) % 5
+    results = {f"{SINGLE_PREFIX}{i}": nested_oof(SelectModel(index=i), X, Y, folds, mean_column_auc)
+               for i in range(m)}
+    best = max(r.overall for r in results.values())
+    selected = selected_oof(results, X, Y, folds, mean_column_auc, True, _inner_folds)
+    assert best > 0.6  # the luckiest of 60 coin flips looks like a model
+    assert selected.overall < best - 0.1 and abs(selected.overall - 0.5) < 0.07
+
+
+def test_a_memorising_candidate_never_wins_the_outer_selection():
+    rng = np.random.default_rng(7)
+    X = StackInput(rng.uniform(size=(N, 2, K)).astype(np.float32), multilabel=True)
+    Y = (X.probs[:, 0, :] + 0.3 * rng.normal(size=(N, K)) > 0.5).astype(np.float32)
+    results = {f"{SINGLE_PREFIX}0": nested_oof(SelectModel(index=0), X, Y, FOLDS, mean_column_auc),
+               f"{SINGLE_PREFIX}1": nested_oof(SelectModel(index=1), X, Y, FOLDS, mean_column_auc),
+               "memoriser": nested_oof(NearestRowStacker(), X, Y, FOLDS, mean_column_auc)}
+    selected = selected_oof(results, X, Y, FOLDS, mean_column_auc, True, _inner_folds)
+    assert set(selected.chosen.values()) == {f"{SINGLE_PREFIX}0"}
+    np.testing.assert_array_equal(selected.oof, results[f"{SINGLE_PREFIX}0"].oof)
+
+
+def test_frozen_meta_models_keep_the_settings_their_inner_cv_chose():
+    X, Y = multilabel_inputs()
+    logreg = LogRegMeta().fit(X, Y)
+    assert logreg.frozen().C == [float(m[-1].C_) for m in logreg.models_]
+    lgbm = LGBMMeta().fit(X, Y)
+    assert lgbm.frozen().rounds == [b.current_iteration() for b in lgbm.models_]
+    for fitted in (logreg, lgbm):  # a plain fit with those settings: (nearly) the same model
+        frozen = fitted.frozen().fit(X, Y)
+        np.testing.assert_allclose(frozen.predict_proba(X), fitted.predict_proba(X), atol=1e-2)
+
+
+def test_threshold_scores_are_reported_on_folds_they_were_not_tuned_on():
+    rng = np.random.default_rng(2)
+    Y = (rng.uniform(size=(400, 2)) < 0.1).astype(np.float32)
+    P = rng.uniform(size=(400, 2))  # no signal: any F1 above the base rate is tuning luck
+    folds = np.arange(400) % 5
+    same_rows = tune_thresholds(Y, P, ["a", "b"])
+    honest = held_out_thresholds(Y, P, folds, ["a", "b"])
+    for name in ("a", "b"):
+        assert honest[name]["threshold"] == same_rows[name]["threshold"]  # stored: all rows
+        assert honest[name]["f1"] < same_rows[name]["f1"] - 0.02
+        assert honest[name]["scored_on"].startswith("held-out folds")

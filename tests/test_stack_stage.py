@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
+from hybridstack.commands.report import write_report
+from hybridstack.ensembles.levels import predict_levels
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import open_experiment
 from hybridstack.runs import ExperimentDir, write_json, write_npy
@@ -245,3 +247,32 @@ def test_refuses_models_without_a_shared_validated_row(stacked):
         oof[folds != fold] = np.nan
         fake_model(exp_dir, name, oof, test, labels)
     _one_line_error(cfg, "no train row is predicted by every chosen base model")
+
+
+def test_a_strong_fold_0_model_wins_level_2_and_predict_reproduces_it(stacked):
+    cfg, exp_dir = stacked("multilabel")
+    exp = open_experiment(cfg)
+    folds = np.load(exp_dir.folds_path)
+    rng = np.random.default_rng(3)
+    oof = np.where(folds[:, None] == 0, 0.1 + 0.8 * exp.train.Y, np.nan)  # near-perfect on fold 0
+    test = rng.uniform(size=(len(exp.test), 6))
+    fake_model(exp_dir, "sharp", oof, test, exp.task.label_names)
+    stack.run(cfg)
+    scores = exp_dir.stack.load_scores()
+    assert scores["level"] == 2 and scores["chosen"] != "single:level1"
+    assert scores["rows_validated"] == int((folds == 0).sum()) and scores["rows_basis"] == ["sharp"]
+    saved = joblib.load(exp_dir.stack.path / "meta_model.joblib")
+    assert saved["level1_models"] == ["a", "b"] and saved["level2"]["models"] == ["sharp"]
+    preds = {name: exp_dir.model(name).load_test() for name in ("a", "b", "sharp")}
+    np.testing.assert_allclose(predict_levels(saved, preds, None), exp_dir.stack.load_test(),
+                               atol=1e-6)
+    sub = pd.read_csv(exp_dir.submission_path, dtype={"id": str}).set_index("id")
+    np.testing.assert_allclose(sub.loc[exp.test.ids, exp.task.label_names].to_numpy(),
+                               exp_dir.stack.load_test(), rtol=1e-5)
+    # the report compares every model over the stack's fold-0 rows, not over its own rows
+    report = write_report(cfg.run_dir).read_text()
+    fold0 = folds == 0
+    a_on_fold0 = exp.task.score(exp.train.Y[fold0], exp_dir.model("a").load_oof()[fold0])
+    line = next(row for row in report.splitlines() if row.startswith("| a |"))
+    assert line.split("|")[2].strip() == f"{a_on_fold0:.5f}"
+    assert f"on the final's {int(fold0.sum())} rows" in report

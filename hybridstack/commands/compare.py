@@ -73,6 +73,9 @@ def compare_rows(workdir: str | Path, experiments: list[str] | None = None,
                 "model": model.name,
                 "metric": scores["metric_name"],
                 "cv": scores["overall"],
+                "rows": scores.get("rows_validated"),
+                # whose validated rows those are (the stack: the models of its level)
+                "rows_basis": ",".join(scores.get("rows_basis", [model.name])),
                 "fold_mean": float(np.mean(per_fold)) if per_fold else float("nan"),
                 "fold_std": float(np.std(per_fold)) if len(per_fold) > 1 else float("nan"),
                 "seconds": scores.get("seconds"),
@@ -82,7 +85,10 @@ def compare_rows(workdir: str | Path, experiments: list[str] | None = None,
                 row["heldout"] = heldout(model.load_test())
             row.update(varied.get(run_dir.name, {}))
             rows.append(row)
-    rows.sort(key=lambda r: (r["metric"], -r["cv"] if r["greater_is_better"] else r["cv"]))
+    # ranked only among scores over the same number of rows (a stack level 2 over fold 0's
+    # rows is not put above models scored over every row)
+    rows.sort(key=lambda r: (r["metric"], -(r["rows"] or 0),
+                             -r["cv"] if r["greater_is_better"] else r["cv"]))
     return rows
 
 

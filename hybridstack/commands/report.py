@@ -40,9 +40,27 @@ class Entry:
     scores: dict[str, Any]
     folder: ModelDir
 
+    same_rows: float | None = None  # the metric over the rows every entry is compared on
+
     @property
     def overall(self) -> float:
         return float(self.scores["overall"])
+
+    @property
+    def compared(self) -> float:
+        """What the leaderboard ranks by: the same-rows score when the entry has one."""
+        return self.overall if self.same_rows is None else self.same_rows
+
+
+def score_on_same_rows(task: Any, Y: np.ndarray, oofs: dict[str, np.ndarray],
+                       rows: np.ndarray) -> dict[str, float | None]:
+    """Each model's metric over exactly ``rows`` (None for a model that lacks some of them):
+    scores over different rows are never put side by side."""
+    out: dict[str, float | None] = {}
+    for name, oof in oofs.items():
+        covered = ~np.isnan(oof).any(axis=1)
+        out[name] = float(task.score(Y[rows], oof[rows])) if covered[rows].all() else None
+    return out
 
 
 def write_report(run_dir: str | Path, exp: Experiment | None = None) -> Path:
@@ -63,6 +81,10 @@ def write_report(run_dir: str | Path, exp: Experiment | None = None) -> Path:
     oof = final.folder.load_oof()
     rows = ~np.isnan(oof).any(axis=1)
     Y, P = exp.train.Y[rows], oof[rows]
+    same = score_on_same_rows(exp.task, exp.train.Y, {e.name: e.folder.load_oof() for e in entries},
+                              rows)
+    for entry in entries:
+        entry.same_rows = same[entry.name]
 
     out = exp_dir.report_dir
     _save(_scores_figure(exp, entries, final), out / SCORES_PLOT)
@@ -103,8 +125,9 @@ def _final_entry(exp: Experiment, entries: list[Entry]) -> Entry:
 
 
 def _ranked(exp: Experiment, entries: list[Entry]) -> list[Entry]:
+    """Entries scored on the same rows first (best first), then the others (own rows)."""
     sign = -1.0 if exp.task.greater_is_better else 1.0
-    return sorted(entries, key=lambda e: sign * e.overall)
+    return sorted(entries, key=lambda e: (e.same_rows is None, sign * e.compared))
 
 
 # -- plots ------------------------------------------------------------------------------
@@ -117,8 +140,9 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _scores_figure(exp: Experiment, entries: list[Entry], final: Entry) -> Figure:
-    ranked = _ranked(exp, entries)[::-1]  # best at the top of a horizontal bar chart
-    values = np.array([e.overall for e in ranked])
+    # only scores over the same rows are drawn side by side
+    ranked = [e for e in _ranked(exp, entries) if e.same_rows is not None][::-1]
+    values = np.array([e.same_rows for e in ranked])
     fig = Figure(figsize=(7, 1.2 + 0.45 * len(ranked)))
     ax = fig.add_subplot()
     colors = ["tab:orange" if e.name == final.name else "tab:blue" for e in ranked]
@@ -128,8 +152,10 @@ def _scores_figure(exp: Experiment, entries: list[Entry], final: Entry) -> Figur
     for y, value in enumerate(values):
         ax.text(value, y, f" {value:.4f}", va="center", fontsize=8)
     direction = "higher" if exp.task.greater_is_better else "lower"
-    ax.set_xlabel(f"CV {exp.task.metric_name} ({direction} is better)")
-    ax.set_title("Model scores (OOF; stack: nested CV)")
+    n_rows = final.scores.get("rows_validated", "?")
+    ax.set_xlabel(f"CV {exp.task.metric_name} over the same {n_rows} train rows "
+                  f"({direction} is better)")
+    ax.set_title("Model scores (OOF; stack: nested CV, choice inside the nest)")
     return fig
 
 
@@ -191,27 +217,40 @@ def _leaderboard(exp: Experiment, entries: list[Entry], final: Entry) -> str:
         per_fold = entry.scores.get("per_fold", {})
         folds = [f"{per_fold[str(k)]:.4f}" if str(k) in per_fold else "-" for k in range(n_splits)]
         marker = " (final)" if entry.name == final.name else ""
-        rows.append([f"{entry.name}{marker}", f"{entry.overall:.5f}", *folds,
-                     str(entry.scores.get("rows_validated", "-")),
+        same = "-" if entry.same_rows is None else f"{entry.same_rows:.5f}"
+        rows.append([f"{entry.name}{marker}", same, f"{entry.overall:.5f}",
+                     str(entry.scores.get("rows_validated", "-")), *folds,
                      f"{float(entry.scores.get('seconds', 0.0)):.1f}"])
-    header = ["model", exp.task.metric_name, *[f"fold {k}" for k in range(n_splits)],
-              "rows", "seconds"]
+    n_rows = final.scores.get("rows_validated", "?")
+    header = ["model", f"{exp.task.metric_name} on the final's {n_rows} rows",
+              f"{exp.task.metric_name} on its own rows", "own rows",
+              *[f"fold {k}" for k in range(n_splits)], "seconds"]
     return _table(header, rows)
 
 
 def _stack_sections(exp: Experiment, stack_scores: dict[str, Any]) -> list[str]:
     stack_dir = exp.dir.stack.path
+    level = stack_scores.get("level", 1)
+    basis = ", ".join(stack_scores.get("rows_basis", [])) or "every stacked model"
     parts = ["## Stack", "",
-             f"Chosen: **{stack_scores['chosen']}**: {stack_scores['note']}.", "",
-             f"Rows stacked: {stack_scores['rows_validated']} "
-             f"({stack_scores['rows_excluded']} excluded: NaN OOF in some base model); "
-             f"nested CV folds: {stack_scores['stacking_folds']}.", "",
-             "Nested-CV score of every candidate (single models pass through unchanged):", ""]
+             f"Chosen: **{stack_scores['chosen']}** (level {level} wrote the submission): "
+             f"{stack_scores['note']}.", "",
+             f"Score {stack_scores['overall']:.5f} over {stack_scores['rows_validated']} rows "
+             f"(the rows {basis} were validated on; nested CV folds: "
+             f"{stack_scores['stacking_folds']}), with the choice of candidate made inside each "
+             "outer fold on inner folds of the other rows.", ""]
     sign = 1.0 if stack_scores["greater_is_better"] else -1.0
-    candidates = sorted(stack_scores["candidates"].items(), key=lambda kv: -sign * kv[1]["overall"])
-    parts += [_table(["candidate", stack_scores["metric_name"], "seconds"],
-                     [[name, f"{c['overall']:.5f}", f"{c['seconds']:.1f}"] for name, c in candidates]),
-              ""]
+    levels = stack_scores.get("levels", {"1": stack_scores})
+    for name, lvl in sorted(levels.items()):
+        candidates = sorted(lvl["candidates"].items(), key=lambda kv: -sign * kv[1]["overall"])
+        parts += [f"Level {name}: {', '.join(lvl.get('models', []))} over "
+                  f"{lvl['rows_validated']} rows; nested-CV score of every candidate (each "
+                  "chosen on these same rows, so the best of them is optimistic; single models "
+                  "pass through unchanged):", "",
+                  _table(["candidate", stack_scores["metric_name"], "rows", "seconds"],
+                         [[cand, f"{c['overall']:.5f}", str(c.get("rows_validated", lvl["rows_validated"])),
+                           f"{c['seconds']:.1f}"] for cand, c in candidates]),
+                  ""]
     weights = read_json(stack_dir / "weights.json")
     parts += [f"### Blend weights ({weights['method']}: {weights['kind']})", "",
               _table(["model", "weight"], [[m, f"{w:.3f}"] for m, w in weights["weights"].items()]),
@@ -228,7 +267,8 @@ def _stack_sections(exp: Experiment, stack_scores: dict[str, Any]) -> list[str]:
         rows = [[label, f"{t['threshold']:.3f}", f"{t['precision']:.3f}", f"{t['recall']:.3f}",
                  f"{t['f1']:.3f}", str(t["support"])]
                 for label in exp.task.label_names if (t := thresholds[label])]
-        parts += ["### Decision thresholds (tuned on OOF for F1; the submission keeps probabilities)",
+        parts += ["### Decision thresholds (tuned on OOF for F1, precision/recall/F1 on folds "
+                  "they were not tuned on; the submission keeps probabilities)",
                   "", _table(["label", "threshold", "precision", "recall", "F1", "positives"], rows),
                   ""]
     return parts

@@ -130,7 +130,7 @@ class LogRegMeta(BaseEstimator):
         importance = np.sum([np.abs(m[-1].coef_).sum(axis=0) for m in fitted], axis=0)
         return {"kind": "importance share",
                 "weights": _model_shares(importance, self.n_models_, self.n_classes_),
-                "C": [float(getattr(m[-1], "C_", m[-1].C)) for m in fitted]}
+                "C": [float(m[-1].C_ if hasattr(m[-1], "C_") else m[-1].C) for m in fitted]}
 
 
 class LGBMMeta(BaseEstimator):

@@ -9,7 +9,8 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from hybridstack.ensembles.inputs import StackInput, meta_features
+from hybridstack.ensembles.inputs import meta_features
+from hybridstack.ensembles.levels import predict_levels
 from hybridstack.ensembles.thresholds import apply_thresholds
 from hybridstack.errors import HybridstackError
 from hybridstack.predict import explain
@@ -39,11 +40,9 @@ class Predictor:
         self.task = ctx.task
         self.label_names = ctx.task.label_names
         self.multilabel = ctx.task.kind == "multilabel"
+        self.stack_model = stack_model
         self.stacker = stack_model["stacker"]
-        # the models level 1 stacks (all of them in runs made before levels existed), and
-        # level 2: a blend of level 1 with the models that cover only some folds, if it won
-        self.level1_models = stack_model.get("level1_models", stack_model["models"])
-        self.level2 = stack_model.get("level2")
+        self.model_names = stack_model["models"]  # as the stack names them (sibling/<model>)
         self.use_meta_features = stack_model["meta_features"]
         self.base_models = base_models
         stack = ctx.dir.stack
@@ -84,13 +83,10 @@ class Predictor:
 
     def stack(self, ds: Dataset, base_preds: dict[str, np.ndarray]) -> np.ndarray:
         """The stacker on base-model predictions, built like ``stages.stack.build_inputs``."""
-        probs = np.stack([base_preds[name] for name in self.level1_models], axis=1)
+        by_stack_name = {name: base_preds[model.name]
+                         for name, model in zip(self.model_names, self.base_models)}
         meta = meta_features(ds.fields) if self.use_meta_features else None
-        P = self.stacker.predict_proba(StackInput(probs, meta, self.multilabel))
-        if self.level2 is None:
-            return P
-        probs = np.stack([P] + [base_preds[name] for name in self.level2["models"]], axis=1)
-        return self.level2["stacker"].predict_proba(StackInput(probs, None, self.multilabel))
+        return predict_levels(self.stack_model, by_stack_name, meta)
 
     def labels_from_proba(self, P: np.ndarray) -> np.ndarray:
         """Multilabel: (n, K) int8 0/1 with the tuned thresholds; else (n,) class names (argmax)."""

@@ -58,6 +58,7 @@ def save_model_outputs(
         "per_fold": {str(k): v for k, v in result.fold_scores.items()},
         "fold_info": {str(k): v for k, v in result.fold_info.items()},
         "rows_validated": int(covered.sum()),
+        "rows_basis": [model.name],  # the rows this model itself was validated on
         "seconds": round(result.seconds, 3),
     }
     write_npy(model.oof_path, result.oof.astype(np.float32))
