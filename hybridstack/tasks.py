@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +27,6 @@ from hybridstack.text import clean_text, replace_lone_surrogates
 
 log = logging.getLogger(__name__)
 
-PROB_EPS = 1e-7  # clip for log loss, as Kaggle does (1e-15 makes one bad row dominate)
 
 
 # -- the pairwise swap view: every model's augmentation and test-time averaging -----------
@@ -410,9 +410,13 @@ def make_task(cfg: Config, classes: list[str] | None = None) -> Task:
 
 
 def multiclass_log_loss(Y: np.ndarray, P: np.ndarray) -> float:
-    P = np.clip(np.asarray(P, dtype=np.float64), PROB_EPS, 1 - PROB_EPS)
-    P = P / P.sum(axis=1, keepdims=True)
-    return float(log_loss(Y.argmax(axis=1), P, labels=list(range(P.shape[1]))))
+    """Log loss exactly as Kaggle's scorer (sklearn's ``log_loss``) computes it on a submission
+    read from CSV: the probabilities as float64, sklearn's own clipping and row normalisation
+    (float32 rows sum to 1 only within float32 rounding, hence no warning about it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
+        return float(log_loss(Y.argmax(axis=1), np.asarray(P, dtype=np.float64),
+                              labels=list(range(P.shape[1]))))
 
 
 def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -332,3 +332,17 @@ def test_threshold_scores_are_reported_on_folds_they_were_not_tuned_on():
         assert honest[name]["threshold"] == same_rows[name]["threshold"]  # stored: all rows
         assert honest[name]["f1"] < same_rows[name]["f1"] - 0.02
         assert honest[name]["scored_on"].startswith("held-out folds")
+
+
+def test_meta_models_inner_cv_keeps_a_groups_rows_together():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(40), 3)  # three rows per prompt
+    probs = rng.dirichlet([1, 1, 1], size=(120, 2)).astype(np.float32)
+    X = StackInput(probs, None, False, groups.astype(str))
+    y = rng.integers(3, size=120)
+    for train, valid in X.inner_splits(y, 3, 42):
+        assert not set(groups[train]) & set(groups[valid])
+    assert X[np.arange(10)].groups.tolist() == groups[:10].astype(str).tolist()
+    Y = np.eye(3, dtype=np.float32)[y]
+    for meta in (LogRegMeta(), LGBMMeta()):  # fit with grouped inner CV without complaint
+        assert meta.fit(X, Y).predict_proba(X).shape == (120, 3)

@@ -155,3 +155,23 @@ def test_real_jigsaw_sample_submission_scores_half(capsys):
     result = score_submission(folder / "sample_submission.csv", folder / "test_labels.csv")
     assert result.value == pytest.approx(0.5)
     assert result.n_rows == 2000
+
+
+def test_cv_log_loss_is_what_sklearn_gives_on_the_same_submission_read_from_csv(tmp_path):
+    from sklearn.metrics import log_loss
+
+    from hybridstack.tasks import multiclass_log_loss
+
+    rng = np.random.default_rng(4)
+    Y = _pairwise_labels(50)
+    P = rng.dirichlet([1, 1, 1], size=50).astype(np.float32)
+    P[0] = [0.0, 0.0, 1.0]  # a confident miss: no extra clipping softens it
+    Y[0] = [1, 0, 0]
+    labels = _write(tmp_path / "labels.csv", range(50), _columns(PAIRWISE_LABELS, Y.T))
+    sub = _write(tmp_path / "sub.csv", range(50), _columns(PAIRWISE_LABELS, P.T))
+    read = pd.read_csv(sub)[PAIRWISE_LABELS].to_numpy()  # float64, as Kaggle's scorer reads it
+    expected = log_loss(Y.argmax(axis=1), read, labels=[0, 1, 2])
+    # float32 -> decimal text -> float64 moves each value by < 1e-8 of itself
+    assert multiclass_log_loss(Y, P) == pytest.approx(expected, rel=1e-8)
+    assert score_submission(sub, labels).value == pytest.approx(expected, rel=1e-12)
+    assert expected > 0.7  # the miss costs what sklearn says (~36 / 50), not a 1e-7 clip's 16 / 50

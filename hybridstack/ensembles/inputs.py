@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from hybridstack.features.lengths import log_counts
 
@@ -28,11 +30,14 @@ class StackInput:
     meta : (n, F) float32 extra features (e.g. text lengths) or None.
     multilabel : True when the C columns are independent binary labels (sigmoid outputs),
         False when each row's C columns are one softmax distribution.
+    groups : (n,) row groups the meta-models' inner CV keeps together (pairwise: the
+        prompt, as the folds do), or None.
     """
 
     probs: np.ndarray
     meta: np.ndarray | None = None
     multilabel: bool = False
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 3:
@@ -45,7 +50,18 @@ class StackInput:
 
     def __getitem__(self, rows: np.ndarray) -> StackInput:
         meta = None if self.meta is None else self.meta[rows]
-        return StackInput(self.probs[rows], meta, self.multilabel)
+        groups = None if self.groups is None else self.groups[rows]
+        return StackInput(self.probs[rows], meta, self.multilabel, groups)
+
+    def inner_splits(self, y: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(train, validation) index pairs of the meta-models' inner CV on ``y``: stratified,
+        and grouped when the rows have groups (a prompt's rows never straddle a split)."""
+        if self.groups is None:
+            splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+            return list(splitter.split(np.zeros(len(y)), y))
+        codes, _ = pd.factorize(np.asarray(self.groups, dtype=object))
+        splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y, codes))
 
     @property
     def n_models(self) -> int:

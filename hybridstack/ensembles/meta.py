@@ -14,7 +14,6 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -83,14 +82,16 @@ class LogRegMeta(BaseEstimator):
         self.random_state = random_state
         self.C = C
 
-    def _model(self, scoring: str, label: int = 0) -> Pipeline:
+    def _model(self, scoring: str, label: int = 0, cv: Any = None) -> Pipeline:
         if self.C is not None:
             C = self.C[label] if isinstance(self.C, list) else self.C
             return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
-        cv = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
         return make_pipeline(StandardScaler(), LogisticRegressionCV(
             Cs=LOGREG_CS, l1_ratios=(0.0,), cv=cv, scoring=scoring, max_iter=1000,
             use_legacy_attributes=False))
+
+    def _splits(self, X: StackInput, y: np.ndarray):
+        return None if self.C is not None else X.inner_splits(y, self.inner_folds, self.random_state)
 
     def frozen(self) -> LogRegMeta:
         """Unfitted, with the strengths this fit chose: one plain fit each, no inner CV."""
@@ -106,10 +107,12 @@ class LogRegMeta(BaseEstimator):
         with threadpool_limits(limits=1):
             if X.multilabel:
                 self.models_ = fit_per_label(
-                    Y, lambda j: self._model("roc_auc", j).fit(features, Y[:, j]),
+                    Y, lambda j: self._model("roc_auc", j, self._splits(X, Y[:, j])).fit(
+                        features, Y[:, j]),
                     _cross_validatable(self.inner_folds))
             else:
-                self.model_ = self._model("neg_log_loss").fit(features, Y.argmax(axis=1))
+                y = Y.argmax(axis=1)
+                self.model_ = self._model("neg_log_loss", cv=self._splits(X, y)).fit(features, y)
         return self
 
     def predict_proba(self, X: StackInput) -> np.ndarray:
@@ -168,14 +171,14 @@ class LGBMMeta(BaseEstimator):
         return logits if X.meta is None else np.hstack([logits, X.meta.astype(np.float64)])
 
     def _train(self, features: np.ndarray, y: np.ndarray, params: dict[str, Any],
-               label: int = 0) -> lgb.Booster:
+               label: int = 0, splits: list | None = None) -> lgb.Booster:
         params = {**_LGBM_PARAMS, **params, "seed": self.random_state}
         y = np.ascontiguousarray(y)  # a label column of Y is a strided view LightGBM would copy
         if self.rounds is not None:
             rounds = self.rounds[label] if isinstance(self.rounds, list) else self.rounds
             return lgb.train(params, lgb.Dataset(features, y), num_boost_round=max(rounds, 1))
         history = lgb.cv(params, lgb.Dataset(features, y), num_boost_round=_LGBM_MAX_ROUNDS,
-                         nfold=self.inner_folds, stratified=True, seed=self.random_state,
+                         folds=splits, seed=self.random_state,
                          callbacks=[lgb.early_stopping(_LGBM_EARLY_STOP, verbose=False)])
         n_rounds = len(next(iter(history.values())))
         return lgb.train(params, lgb.Dataset(features, y), num_boost_round=n_rounds)
@@ -185,12 +188,16 @@ class LGBMMeta(BaseEstimator):
         self.n_models_, self.n_classes_ = X.n_models, X.n_classes
         if X.multilabel:
             binary = {"objective": "binary", "metric": "auc"}
-            self.models_ = fit_per_label(Y, lambda j: self._train(features, Y[:, j], binary, j),
-                                         _cross_validatable(self.inner_folds))
+            self.models_ = fit_per_label(
+                Y, lambda j: self._train(features, Y[:, j], binary, j,
+                                         X.inner_splits(Y[:, j], self.inner_folds, self.random_state)),
+                _cross_validatable(self.inner_folds))
         else:
             multiclass = {"objective": "multiclass", "num_class": X.n_classes,
                           "metric": "multi_logloss"}
-            self.model_ = self._train(features, Y.argmax(axis=1), multiclass)
+            y = Y.argmax(axis=1)
+            self.model_ = self._train(features, y, multiclass,
+                                      splits=X.inner_splits(y, self.inner_folds, self.random_state))
         return self
 
     def predict_proba(self, X: StackInput) -> np.ndarray:

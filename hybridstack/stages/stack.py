@@ -275,7 +275,8 @@ def stack_levels(exp: Experiment, bases: list[BaseModel]) -> tuple[Level, Level 
     level1 = fit_level(exp, [b.name for b in full], X, X_test, rows, "level 1")
     if not partial:
         return level1, None
-    X2 = stack_input([level1.selected.oof] + [b.oof for b in partial], exp.task.kind)
+    X2 = stack_input([level1.selected.oof] + [b.oof for b in partial], exp.task.kind,
+                     exp.train.groups)
     X2_test = None if X_test is None else stack_input(
         [level1.test_pred] + [b.test for b in partial], exp.task.kind)
     rows2 = level1.rows & X2.covered_rows()
@@ -291,8 +292,8 @@ def stack_levels(exp: Experiment, bases: list[BaseModel]) -> tuple[Level, Level 
 LEVEL1 = "level1"  # level 2's name for level 1's blend
 
 
-def stack_input(probs: list[np.ndarray], kind: str) -> StackInput:
-    return StackInput(np.stack(probs, axis=1), None, kind == "multilabel")
+def stack_input(probs: list[np.ndarray], kind: str, groups: np.ndarray | None = None) -> StackInput:
+    return StackInput(np.stack(probs, axis=1), None, kind == "multilabel", groups)
 
 
 # -- the stage ------------------------------------------------------------------------------
@@ -302,8 +303,10 @@ def build_inputs(exp: Experiment, bases: list[BaseModel]) -> tuple[StackInput, S
     """Train and test StackInputs (test is None without a test file)."""
     multilabel = exp.task.kind == "multilabel"
     use_meta = exp.cfg.stack.meta_features
+    # the meta-models' inner CV keeps a prompt's rows together, as the folds do
     train = StackInput(np.stack([b.oof for b in bases], axis=1),
-                       meta_features(exp.train.fields) if use_meta else None, multilabel)
+                       meta_features(exp.train.fields) if use_meta else None, multilabel,
+                       exp.train.groups)
     if exp.test is None:
         return train, None
     test = StackInput(np.stack([b.test for b in bases], axis=1),
