@@ -39,6 +39,9 @@ class TaskConfig(Section):
     label_columns: list[str] = Field(default_factory=lambda: list(JIGSAW_LABELS))
     # multiclass: the one label column, any dtype (binary included).
     label_column: str = "label"
+    # binary with a one-column sample submission: the class whose probability it holds.
+    # None: the class the column is named after, else 1 / true / yes; asked when ambiguous.
+    positive_label: str | None = None
     # pairwise: the LMSYS field names.
     prompt_column: str = "prompt"
     response_columns: list[str] = ["response_a", "response_b"]

@@ -225,7 +225,8 @@ def dataset_record(cfg: Config, task: Task, train: Dataset, test: Dataset | None
     # Everything that shapes the train rows, their target or their folds.
     shape = {
         "files": {k: v["sha256"] for k, v in files.items()},
-        "task": cfg.task.model_dump(mode="json"),
+        # positive_label only names a submission column: it shapes no row, target or fold
+        "task": cfg.task.model_dump(mode="json", exclude={"positive_label"}),
         "read": {"delimiter": cfg.data.delimiter, "column_names": cfg.data.column_names},
         "clean": cfg.data.clean.model_dump(mode="json"),
         # the settings that make the folds (early stopping is a model setting)

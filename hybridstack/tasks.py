@@ -359,6 +359,29 @@ class MulticlassTask(Task):
         codes = labels.map(index).to_numpy()
         return np.eye(len(self.classes), dtype=np.float32)[codes]
 
+    def positive_label(self, column: str) -> str:
+        """Binary: the class a one-column submission gives the probability of.
+
+        ``task.positive_label`` when set; else the class the column is named after
+        (``target`` of classes ``other``/``target``); else the 1 / true / yes of the pair.
+        """
+        classes = self.label_names
+        if self.cfg.positive_label is not None:
+            if self.cfg.positive_label not in classes:
+                raise HybridstackError(f"task.positive_label = {self.cfg.positive_label!r} is not "
+                                       f"one of the classes {classes}")
+            return self.cfg.positive_label
+        named = [c for c in classes if c.lower() == column.lower()]
+        if len(named) == 1:
+            return named[0]
+        for negative, positive in _BINARY_PAIRS:
+            lowered = {c.lower(): c for c in classes}
+            if set(lowered) == {negative, positive}:
+                return lowered[positive]
+        raise HybridstackError(
+            f"the sample submission's one column {column!r} does not say which of the classes "
+            f"{classes} it holds the probability of; set task.positive_label to one of them")
+
     def score(self, Y: np.ndarray, P: np.ndarray) -> float:
         return multiclass_log_loss(Y, P)
 
@@ -384,10 +407,18 @@ class MulticlassTask(Task):
         # One target column: binary competitions score the positive-class probability,
         # multi-class ones expect the predicted label.
         column = value_columns[0]
-        values = P[:, 1] if self.n_classes == 2 else np.asarray(self.label_names)[P.argmax(1)]
+        if self.n_classes == 2:
+            values = P[:, self.label_names.index(self.positive_label(column))]
+        else:
+            values = np.asarray(self.label_names)[P.argmax(1)]
         out = pd.DataFrame({self.cfg.id_column: ids, column: values})
         out = out.set_index(self.cfg.id_column).loc[sample[self.cfg.id_column].astype(str)]
         return out.reset_index()[list(sample.columns)]
+
+
+# (negative, positive) label pairs whose positive class is clear without being told
+_BINARY_PAIRS = (("0", "1"), ("false", "true"), ("no", "yes"), ("0.0", "1.0"), ("neg", "pos"),
+                 ("negative", "positive"))
 
 
 # -- construction ------------------------------------------------------------------------

@@ -177,3 +177,31 @@ def test_missing_id_column_uses_row_number(tmp_path):
     path.write_text("text,label\nhello,a\nworld,b\n")
     ds = task.parse(read_table(path), labelled=True)
     assert ds.ids.tolist() == ["0", "1"]
+
+
+def _binary(classes, positive_label=None):
+    from hybridstack.config import CleanConfig, TaskConfig
+    from hybridstack.tasks import MulticlassTask
+
+    return MulticlassTask(TaskConfig(kind="multiclass", positive_label=positive_label),
+                          CleanConfig(), classes=classes)
+
+
+def _one_column_submission(task, column):
+    sample = pd.DataFrame({"id": ["a", "b"], column: [0.5, 0.5]})
+    P = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    return task.submission_frame(np.array(["a", "b"]), P, sample)[column].tolist()
+
+
+def test_a_one_column_binary_submission_holds_the_positive_class():
+    # sorted classes: the second is not always the positive one
+    assert _one_column_submission(_binary(["0", "1"]), "target") == pytest.approx([0.1, 0.8])
+    assert _one_column_submission(_binary(["False", "True"]), "y") == pytest.approx([0.1, 0.8])
+    assert _one_column_submission(_binary(["ham", "spam"]), "ham") == pytest.approx([0.9, 0.2])
+    assert _one_column_submission(_binary(["ham", "spam"], "ham"), "target") == pytest.approx(
+        [0.9, 0.2])
+    with pytest.raises(HybridstackError, match="set task.positive_label") as err:
+        _one_column_submission(_binary(["ham", "spam"]), "target")
+    assert "\n" not in str(err.value)
+    with pytest.raises(HybridstackError, match="is not one of the classes"):
+        _one_column_submission(_binary(["ham", "spam"], "eggs"), "target")
