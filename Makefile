@@ -26,6 +26,15 @@ lint:
 bench:
 	$(PYTHON) bench/run_all.py
 
+# Stage time, peak RSS and disk vs train rows (resumable ladder; data and runs under /tmp):
+#   make bench-scale [SIZES=10000,20000] [OUT=bench/results/scale.json]
+SIZES ?= 10000,20000,40000,80000,160000
+OUT ?= bench/results/scale.json
+
+.PHONY: bench-scale
+bench-scale:
+	$(PYTHON) bench/bench_scale.py --sizes $(SIZES) --out $(OUT)
+
 kaggle-rehearsal:  ## slow (~10 min): the README's Kaggle notebook on a CPU under a fake /kaggle; CI runs it
 	$(PYTHON) scripts/kaggle_rehearsal.py
 

@@ -1,9 +1,14 @@
 """Stage stack: blend the finished base models' OOF predictions into the submission.
 
-Every candidate stacker (weighted average, logistic meta-model, LightGBM meta-model) is
-scored by nested CV on the experiment's folds; the best is refitted on every covered row
-and predicts test from the base models' ``test.npy``. A stacker that does not beat the
-best single model falls back to it. Reads only ``oof.npy``/``test.npy``; never re-runs a model.
+Level 1 stacks the base models that cover every training row, on every row: each candidate
+(every single model passed through, a weighted average, a logistic and a LightGBM
+meta-model) is scored by nested CV on the experiment's folds, the best is chosen (a
+stacker only if it beats every single model) and refitted on all rows. The score reported
+is not the winner's nested score (the best of several estimates is optimistic) but that of
+an outer loop in which each fold is predicted by the candidate chosen on inner folds of
+the other rows. Models that cover only some folds (a fine-tune on fold 0) join at level 2,
+on the rows they cover: a blend of level 1 with them, which must beat level 1 on those same
+rows to write the submission. Reads only ``oof.npy``/``test.npy``; never re-runs a model.
 """
 
 from __future__ import annotations
