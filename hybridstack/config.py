@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from hybridstack.errors import HybridstackError
@@ -97,6 +97,16 @@ class LogRegModel(Section):
     max_iter: int = Field(1000, gt=0)
 
 
+class NBSVMModel(Section):
+    """One NB-SVM (naive-Bayes log-count ratios + logistic regression) on the TF-IDF matrix;
+    multilabel and multiclass tasks (the pairwise A - B block is signed)."""
+
+    name: str = "tfidf_nbsvm"
+    C: float = Field(4.0, gt=0)
+    alpha: float = Field(1.0, gt=0)  # smoothing of the per-class feature counts
+    max_iter: int = Field(1000, gt=0)
+
+
 class TfidfConfig(Section):
     enabled: bool = True
     word_ngrams: tuple[int, int] = (1, 2)
@@ -110,14 +120,14 @@ class TfidfConfig(Section):
     swap_augment: bool = True
     swap_tta: bool = True
     models: list[LogRegModel] = Field(default_factory=lambda: [LogRegModel()])
+    nbsvm: list[NBSVMModel] = []  # e.g. [[tfidf.nbsvm]] with the defaults: one NB-SVM model
 
-    @field_validator("models")
-    @classmethod
-    def _unique_names(cls, models: list[LogRegModel]) -> list[LogRegModel]:
-        names = [m.name for m in models]
+    @model_validator(mode="after")
+    def _unique_names(self) -> TfidfConfig:
+        names = [m.name for m in [*self.models, *self.nbsvm]]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
-        return models
+        return self
 
 
 class LGBMHead(Section):

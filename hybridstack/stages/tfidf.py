@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
-from hybridstack.config import Config, LogRegModel
+from hybridstack.config import Config, LogRegModel, NBSVMModel
+from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.features.tfidf import TfidfFeaturizer, load_or_build_matrix
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.logreg import LogRegHead
+from hybridstack.heads.nbsvm import NBSVMHead
 from hybridstack.runs import FEATURIZER_FILE, write_joblib
 from hybridstack.stages.common import (
     save_model_outputs,
@@ -21,20 +25,39 @@ from hybridstack.stages.common import (
 log = logging.getLogger(__name__)
 
 
-def model_settings(cfg: Config, spec: LogRegModel) -> dict:
-    """One model's own settings: the shared [tfidf] featurisation + its [[tfidf.models]] entry."""
-    return {"model": spec.model_dump(mode="json"),
-            "tfidf": cfg.tfidf.model_dump(mode="json", exclude={"models"})}
+def model_settings(cfg: Config, spec: LogRegModel | NBSVMModel) -> dict:
+    """One model's own settings: the shared [tfidf] featurisation + its own list entry."""
+    settings = {"model": spec.model_dump(mode="json"),
+                "tfidf": cfg.tfidf.model_dump(mode="json", exclude={"models", "nbsvm"})}
+    if isinstance(spec, NBSVMModel):
+        settings["head"] = "NBSVMModel"  # logistic regressions keep the hash they had
+    return settings
 
 
-def model_config_hash(exp: Experiment, spec: LogRegModel) -> str:
+def make_head(spec: LogRegModel | NBSVMModel, exp: Experiment):
+    multilabel = exp.task.kind == "multilabel"
+    if isinstance(spec, NBSVMModel):
+        if exp.task.swap_fields is not None:
+            raise HybridstackError(f"tfidf.nbsvm ({spec.name}) is for multilabel and multiclass "
+                                   "tasks: the pairwise A - B features are signed; remove it")
+        return NBSVMHead(multilabel=multilabel, C=spec.C, alpha=spec.alpha,
+                         max_iter=spec.max_iter, random_state=exp.cfg.cv.seed)
+    return LogRegHead(multilabel=multilabel, C=spec.C, class_weight=spec.class_weight,
+                      max_iter=spec.max_iter, random_state=exp.cfg.cv.seed)
+
+
+def model_config_hash(exp: Experiment, spec: LogRegModel | NBSVMModel) -> str:
     """Covers only this model's settings, so adding a second model never refits the first."""
     return exp.settings_hash(model_settings(exp.cfg, spec))
 
 
 def hash_before_layout(exp: Experiment, spec: LogRegModel) -> str:
-    """The DONE an older hybridstack wrote: the whole [tfidf] section + the model's name."""
-    return exp.stage_hash("tfidf") + spec.name
+    """The DONE an older hybridstack wrote: the whole [tfidf] section (as it was then, without
+    the later nbsvm list) + the model's name, in ``Experiment.stage_hash``'s recipe."""
+    section = {"tfidf": exp.cfg.tfidf.model_dump(mode="json", exclude={"nbsvm"})}
+    section_hash = hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode())
+    blob = exp.fingerprint + section_hash.hexdigest()[:16]
+    return hashlib.sha256(blob.encode()).hexdigest()[:16] + spec.name
 
 
 def run(exp: Experiment | Config) -> None:
@@ -43,16 +66,15 @@ def run(exp: Experiment | Config) -> None:
         return
     cfg = exp.cfg
     features = None
-    for spec in cfg.tfidf.models:
+    for spec in [*cfg.tfidf.models, *cfg.tfidf.nbsvm]:
         model = exp.dir.model(spec.name)
         config_hash = model_config_hash(exp, spec)
-        if skip_if_done(model, config_hash, older_hash=hash_before_layout(exp, spec)):
+        older = hash_before_layout(exp, spec) if isinstance(spec, LogRegModel) else None
+        if skip_if_done(model, config_hash, older_hash=older):
             continue
         if features is None:
             features = load_or_build_matrix(exp)
-        head = LogRegHead(multilabel=exp.task.kind == "multilabel", C=spec.C,
-                          class_weight=spec.class_weight, max_iter=spec.max_iter,
-                          random_state=cfg.cv.seed)
+        head = make_head(spec, exp)
         swap = None
         if exp.task.swap_permutation is not None:
             swap = SwapView(features.X_swap, features.X_test_swap, exp.task.swap_permutation,
