@@ -119,6 +119,9 @@ class TfidfConfig(Section):
     # pairwise: train on A/B swapped too, and average swapped predictions at test time
     swap_augment: bool = True
     swap_tta: bool = True
+    # append log length/structure counts of every field (pairwise: and A - B): lists, code
+    # blocks, headers, lines, words, characters, max-abs scaled
+    shape_features: bool = False
     models: list[LogRegModel] = Field(default_factory=lambda: [LogRegModel()])
     nbsvm: list[NBSVMModel] = []  # e.g. [[tfidf.nbsvm]] with the defaults: one NB-SVM model
 

@@ -3,12 +3,16 @@
 import json
 import time
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
 
 from hybridstack.cli import main
+from hybridstack.predict.families import TfidfModel
+from hybridstack.predict.source import open_run
 from hybridstack.runs import ExperimentDir
+from hybridstack.tables import read_table
 
 
 def _snapshot(run_dir):
@@ -177,3 +181,20 @@ def test_failing_stage_keeps_the_config_snapshot_of_the_last_model(make_config, 
                  "--set", f"embed.model='{missing}'"]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert (cfg.run_dir / "config.toml").read_bytes() == snapshot
+
+
+def test_shape_features_join_the_tfidf_matrix_and_predict_reproduces_them(make_config):
+    cfg, path = make_config("pairwise", n_train=120, n_test=20,
+                            tfidf={"shape_features": True, "models": [{"name": "shaped"}]})
+    assert main(["run", "tfidf", "-c", str(path)]) == 0
+    model = ExperimentDir(cfg.run_dir).model("shaped")
+    saved = joblib.load(model.path / "featurizer.joblib")
+    assert saved.shape_scale.shape == (6 * 4,)  # prompt, A, B and A - B: 6 counts each
+    ctx = open_run(cfg.run_dir)
+    predictor = TfidfModel(model, json.loads(model.config_path.read_text()), ctx)
+    test = ctx.task.parse(read_table(cfg.data.test), labelled=False)
+    X, X_swap = predictor.featurizer.transform(test)
+    n_ngrams = len(saved.vectorizer.get_feature_names_out())
+    assert X.shape[1] == 4 * n_ngrams + 24 and X_swap.shape == X.shape
+    assert abs(X[:, -24:].toarray()).max() <= 1.5  # scaled like the TF-IDF values
+    np.testing.assert_allclose(predictor.predict((X, X_swap)), model.load_test(), atol=1e-6)

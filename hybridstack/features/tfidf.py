@@ -24,6 +24,7 @@ from sklearn.pipeline import FeatureUnion
 
 from hybridstack.config import TfidfConfig
 from hybridstack.experiment import Experiment
+from hybridstack.features.lengths import log_counts
 from hybridstack.runs import write_joblib
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class TfidfFeatures:
     X_swap: sp.csr_matrix | None = None  # pairwise only
     X_test_swap: sp.csr_matrix | None = None
     vectorizer: FeatureUnion | None = None  # kept so predict can transform new text
+    shape_scale: np.ndarray | None = None  # tfidf.shape_features: each column's train max |x|
 
 
 def build_tfidf(
@@ -63,35 +65,67 @@ def build_tfidf(
     if test_fields is not None:
         corpus += [t for name in names for t in test_fields[name]]
     vectorizer = make_vectorizer(cfg).fit(corpus)
-    X, X_swap = transform_rows(vectorizer, train_fields, swap_fields)
+    scale = None
+    if cfg.shape_features:  # max-abs scaled like the TF-IDF values, from the train rows only
+        raw = shape_block(train_fields, swap_fields)
+        scale = np.maximum(np.abs(raw).max(axis=0), 1e-6).astype(np.float32)
+    X, X_swap = transform_rows(vectorizer, train_fields, swap_fields, scale)
     X_test, X_test_swap = (
-        transform_rows(vectorizer, test_fields, swap_fields) if test_fields is not None else (None, None)
+        transform_rows(vectorizer, test_fields, swap_fields, scale)
+        if test_fields is not None else (None, None)
     )
-    return TfidfFeatures(X, X_test, X_swap, X_test_swap, vectorizer)
+    return TfidfFeatures(X, X_test, X_swap, X_test_swap, vectorizer, scale)
 
 
 class TfidfFeaturizer:
     """The fitted vectorizer and the pair fields: new rows -> (X, X_swap). Saved as the model
     folder's ``featurizer.joblib``, so predict needs no tfidf code to featurise new text."""
 
-    def __init__(self, vectorizer: FeatureUnion, swap_fields: tuple[str, str] | None):
+    def __init__(self, vectorizer: FeatureUnion, swap_fields: tuple[str, str] | None,
+                 shape_scale: np.ndarray | None = None):
         self.vectorizer = vectorizer
         self.swap_fields = swap_fields
+        self.shape_scale = shape_scale
 
     def transform(self, ds) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
         """``ds``: a parsed :class:`~hybridstack.tasks.Dataset`."""
-        return transform_rows(self.vectorizer, ds.fields, self.swap_fields)
+        # featurizers saved before shape features existed have no shape_scale
+        return transform_rows(self.vectorizer, ds.fields, self.swap_fields,
+                              getattr(self, "shape_scale", None))
 
 
 def transform_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
-                   swap_fields: tuple[str, str] | None) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
-    """Features (and the swapped view, pairwise) of new rows with a fitted vectorizer."""
+                   swap_fields: tuple[str, str] | None, shape_scale: np.ndarray | None = None
+                   ) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
+    """Features (and the swapped view, pairwise) of new rows with a fitted vectorizer; with
+    ``shape_scale``, the scaled response-shape block (:func:`shape_block`) appended."""
     names = list(fields)
     mats = {name: vectorizer.transform(fields[name]).tocsr() for name in names}
     if swap_fields is None:
-        return mats[names[0]], None
+        X, X_swap = mats[names[0]], None
+    else:
+        a, b = swap_fields
+        X, X_swap = _pair(mats, names, a, b), _pair(mats, names, b, a)
+    if shape_scale is None:
+        return X, X_swap
+    shapes = [shape_block(fields, swap_fields)]
+    if swap_fields is not None:
+        shapes.append(shape_block(fields, swap_fields[::-1]))
+    blocks = [sp.hstack([m, sp.csr_matrix(block / shape_scale)], format="csr", dtype=np.float32)
+              for m, block in zip([X, X_swap], shapes)]
+    return blocks[0], (blocks[1] if swap_fields is not None else None)
+
+
+def shape_block(fields: dict[str, list[str]], swap_fields: tuple[str, str] | None) -> np.ndarray:
+    """(n, 6 * fields [+ 6]) float32 log length and structure counts (characters, words,
+    lines, list items, code blocks, headers) of every field; pairwise also first - second,
+    the length difference LMSYS solutions found strong."""
+    counts = {name: log_counts(texts) for name, texts in fields.items()}
+    if swap_fields is None:
+        return np.hstack(list(counts.values()))
     a, b = swap_fields
-    return _pair(mats, names, a, b), _pair(mats, names, b, a)
+    others = [counts[n] for n in fields if n not in (a, b)]
+    return np.hstack([*others, counts[a], counts[b], counts[a] - counts[b]])
 
 
 def _pair(mats: dict[str, sp.csr_matrix], names: list[str], a: str, b: str) -> sp.csr_matrix:
@@ -109,6 +143,8 @@ _MATRIX_KEYS = ("word_ngrams", "char_ngrams", "max_word_features", "max_char_fea
 
 def matrix_cache_path(exp: Experiment) -> Path:
     params = {k: getattr(exp.cfg.tfidf, k) for k in _MATRIX_KEYS}
+    if exp.cfg.tfidf.shape_features:  # only when on: matrices cached before it stay valid
+        params["shape_features"] = True
     key = hashlib.sha256((exp.fingerprint + json.dumps(params, default=str)).encode()).hexdigest()
     return exp.dir.features_dir / f"tfidf_{key[:16]}.joblib"
 

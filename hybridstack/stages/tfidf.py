@@ -25,10 +25,20 @@ from hybridstack.stages.common import (
 log = logging.getLogger(__name__)
 
 
+# [tfidf] keys added after runs were made: hashed only when set, so those runs stay DONE
+_HASHED_WHEN_SET = {"nbsvm": [], "shape_features": False}
+
+
+def tfidf_settings(cfg: Config, exclude: set[str]) -> dict:
+    """The [tfidf] section as hashed: later keys left out while at their defaults."""
+    dumped = cfg.tfidf.model_dump(mode="json", exclude=exclude)
+    return {k: v for k, v in dumped.items() if _HASHED_WHEN_SET.get(k, object()) != v}
+
+
 def model_settings(cfg: Config, spec: LogRegModel | NBSVMModel) -> dict:
     """One model's own settings: the shared [tfidf] featurisation + its own list entry."""
     settings = {"model": spec.model_dump(mode="json"),
-                "tfidf": cfg.tfidf.model_dump(mode="json", exclude={"models", "nbsvm"})}
+                "tfidf": tfidf_settings(cfg, {"models", "nbsvm"})}
     if isinstance(spec, NBSVMModel):
         settings["head"] = "NBSVMModel"  # logistic regressions keep the hash they had
     return settings
@@ -54,7 +64,7 @@ def model_config_hash(exp: Experiment, spec: LogRegModel | NBSVMModel) -> str:
 def hash_before_layout(exp: Experiment, spec: LogRegModel) -> str:
     """The DONE an older hybridstack wrote: the whole [tfidf] section (as it was then, without
     the later nbsvm list) + the model's name, in ``Experiment.stage_hash``'s recipe."""
-    section = {"tfidf": exp.cfg.tfidf.model_dump(mode="json", exclude={"nbsvm"})}
+    section = {"tfidf": tfidf_settings(exp.cfg, set())}
     section_hash = hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode())
     blob = exp.fingerprint + section_hash.hexdigest()[:16]
     return hashlib.sha256(blob.encode()).hexdigest()[:16] + spec.name
@@ -83,7 +93,8 @@ def run(exp: Experiment | Config) -> None:
                          score=exp.task.score, swap=swap, store=FoldStore(model.path, config_hash))
         # the featurizer travels with the model, so predict can featurise new text alone
         write_joblib(model.path / FEATURIZER_FILE,
-                     TfidfFeaturizer(features.vectorizer, exp.task.swap_fields))
+                     TfidfFeaturizer(features.vectorizer, exp.task.swap_fields,
+                                     getattr(features, "shape_scale", None)))  # older caches lack it
         settings = {**model_settings(cfg, spec), "swap_tta": cfg.tfidf.swap_tta}
         save_model_outputs(exp, model, result, settings, config_hash, stage="tfidf")
     write_best_submission(exp)
