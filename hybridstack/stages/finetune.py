@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 _NOT_HASHED = {"enabled", "folds", "num_workers"}
 # Keys added after the first release: hashed only when they differ from their default, so a
 # run finished by an older hybridstack keeps its hash (and is not refitted) after an upgrade.
-_HASHED_WHEN_SET = {"attention_dropout": None}
+_HASHED_WHEN_SET = {"attention_dropout": None, "method": "full", "quantization": None}
+# Hashed only with method = "lora" (a full fine-tune never reads them).
+_LORA_ONLY = ("lora",)
 
 
 def model_folder_name(cfg: FinetuneConfig) -> str:
@@ -64,6 +66,9 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
     finished keep their results.
     """
     settings = exp.cfg.finetune.model_dump(mode="json", exclude=_NOT_HASHED)
+    if settings.get("method") == "full":
+        for key in _LORA_ONLY:
+            settings.pop(key, None)
     for key, default in _HASHED_WHEN_SET.items():
         if settings.get(key) == default:
             settings.pop(key)
