@@ -101,11 +101,19 @@ class FoldCheckpoints:
 
         self._write_dir(self.last_dir, fill, every_process=True)
 
-    def save_best(self, model, tokenizer) -> None:
-        """``save_pretrained`` of the model (unwrapped from DDP) and its tokenizer."""
+    def save_best(self, model, tokenizer,
+                  writer: Callable[[object, object, Path], None] | None = None) -> None:
+        """``save_pretrained`` of the model (unwrapped from DDP) and its tokenizer.
+
+        ``writer(model, tokenizer, folder)`` replaces it (LoRA: the adapters and the base's id).
+        """
 
         def fill(tmp: Path) -> None:
-            self.accelerator.unwrap_model(model).save_pretrained(str(tmp))
+            unwrapped = self.accelerator.unwrap_model(model)
+            if writer is not None:
+                writer(unwrapped, tokenizer, tmp)
+                return
+            unwrapped.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
 
         self._write_dir(self.best_dir, fill, every_process=False)

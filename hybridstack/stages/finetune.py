@@ -14,13 +14,15 @@ import logging
 import re
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 
 from hybridstack.config import Config, FinetuneConfig
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
+from hybridstack.finetune import lora
 from hybridstack.finetune.checkpoint import FoldCheckpoints
-from hybridstack.finetune.data import EncodedRows, Renderer
+from hybridstack.finetune.data import EncodedRows, make_renderer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
 from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
 from hybridstack.folds import fold_rows
@@ -102,14 +104,25 @@ def run(exp: Experiment | Config) -> None:
         return
 
     model_path = resolve_model(ft.model, "finetune.model")
+    if ft.method == "lora":
+        lora.require_peft()  # one line naming the extra, before anything is tokenised
+    if ft.quantization is not None:
+        if ft.method != "lora":
+            raise HybridstackError(f'finetune.quantization = "{ft.quantization}" trains only '
+                                   'adapters on a frozen base: set finetune.method = "lora"')
+        lora.quantization_config(ft.quantization, torch.cuda.is_available())
+    decoder = lora.is_decoder(model_path)
     tokenizer = load_tokenizer(model_path)
-    views = encode_experiment(exp, tokenizer)
+    if decoder:
+        lora.prepare_tokenizer(tokenizer)
+    views = encode_experiment(exp, tokenizer, decoder)
     result = train_folds(exp, accelerator, model_dir, model_path, tokenizer, views, run_folds,
                          fold_hash)
     if accelerator.is_main_process:
         settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
                     "mixed_precision": accelerator.mixed_precision,
-                    "num_processes": accelerator.num_processes}
+                    "num_processes": accelerator.num_processes,
+                    "backbone": "decoder" if decoder else "encoder"}
         save_model_outputs(exp, model_dir, result, settings, done_hash, stage="finetune")
         write_best_submission(exp)
     accelerator.wait_for_everyone()
@@ -126,14 +139,17 @@ def _folds_to_run(ft: FinetuneConfig, n_splits: int) -> list[int]:
     return folds
 
 
-def encode_experiment(exp: Experiment, tokenizer) -> dict[str, list[list[int]] | None]:
+def encode_experiment(exp: Experiment, tokenizer,
+                      decoder: bool = False) -> dict[str, list[list[int]] | None]:
     """Token ids of train and test rows, and of their A/B-swapped views (pairwise)."""
     ft, task = exp.cfg.finetune, exp.task
     shares = tuple(ft.segment_budget) if len(task.field_names) > 1 else (1.0,)
-    renderer = Renderer(tokenizer, task.field_names, shares, ft.max_length, ft.head_fraction)
+    renderer = make_renderer(tokenizer, task.field_names, shares, ft.max_length,
+                             ft.head_fraction, decoder)
     swap = task.swap_fields if (ft.swap_augment or ft.swap_tta) else None
-    train, train_swapped = renderer.render(exp.train.fields, swap)
-    test, test_swapped = (None, None) if exp.test is None else renderer.render(exp.test.fields, swap)
+    train, train_swapped = renderer.render(exp.train.fields, swap, exp.train.turns)
+    test, test_swapped = ((None, None) if exp.test is None
+                          else renderer.render(exp.test.fields, swap, exp.test.turns))
     return {"train": train, "train_swapped": train_swapped,
             "test": test, "test_swapped": test_swapped}
 
