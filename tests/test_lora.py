@@ -449,3 +449,15 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(make_con
     np.testing.assert_allclose(two_oof, one_oof, atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(two_test, one_test, atol=1e-5)
     assert np.abs(one_test - 1 / 3).max() > 1e-3  # it trained: not a uniform prediction
+
+
+def test_qlora_without_bitsandbytes_names_the_extra_in_one_line(monkeypatch):
+    import sys
+
+    from hybridstack.finetune import lora
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(HybridstackError, match=r"bitsandbytes, in the llm extra") as err:
+        lora.quantization_config("4bit", on_cuda=True)
+    assert "\n" not in str(err.value)
+    assert lora.quantization_config(None, on_cuda=False) is None
