@@ -240,6 +240,13 @@ def test_resume_after_a_kill_is_bit_identical(make_config, tiny_llama, monkeypat
     with pytest.raises(KeyboardInterrupt):
         stage.run(cfg)
     monkeypatch.undo()
+    last = ExperimentDir(cfg.run_dir).model(stage.model_folder_name(cfg.finetune)).fold_dir(0) / "last"
+    from safetensors import safe_open
+
+    with safe_open(str(last / "model.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())
+    # the resume checkpoint holds the adapters and head, not the frozen base
+    assert keys and all("lora_" in k or "modules_to_save" in k for k in keys)
     _, oof, test = run_stage(cfg)
     np.testing.assert_array_equal(oof, ref_oof)
     np.testing.assert_array_equal(test, ref_test)

@@ -116,7 +116,10 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
                if multilabel and cfg.class_weighted_bce else None)
     loss_fn = make_loss(multilabel, 0.0 if multilabel else cfg.label_smoothing, weights)
 
-    checkpoints = FoldCheckpoints(accelerator, fold_dir, config_hash)
+    if cfg.method == "lora":
+        lora.adapter_only_checkpoints(accelerator)
+    checkpoints = FoldCheckpoints(accelerator, fold_dir, config_hash,
+                                  partial_model=cfg.method == "lora")
     state = checkpoints.resume()
     while state.epoch < cfg.epochs and not state.stopped:
         # the prepared loader re-seeds its sampler with its own epoch counter on every

@@ -236,6 +236,23 @@ def build_lora_classifier(path: Path, label_names: list[str], multilabel: bool, 
     return model
 
 
+def adapter_only_checkpoints(accelerator) -> None:
+    """Resume checkpoints (``last/``) of a LoRA fold hold the adapters and head, not the frozen
+    base (18 GB for a 9B model at every epoch); ``FoldCheckpoints(partial_model=True)`` loads
+    them back non-strictly. Registered once per Accelerator."""
+    if getattr(accelerator, "_hybridstack_adapter_hook", False):
+        return
+
+    def keep_adapters(models, weights, output_dir) -> None:
+        for state in weights:
+            if any(_is_adapter_param(k) for k in state):
+                for key in [k for k in state if not _is_adapter_param(k)]:
+                    del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_adapters)
+    accelerator._hybridstack_adapter_hook = True
+
+
 # -- best/: the adapters, the head, and which base they belong to ------------------------------
 
 
@@ -312,10 +329,10 @@ def check_base(folder: Path, base_path: Path, where: str) -> dict[str, Any]:
     now = base_fingerprint(base_path)
     want = recorded["fingerprint"]
     if now != want:
-        what = ("config.json" if now["config_sha256"] != want["config_sha256"] else
-                "weights " + ", ".join(sorted(set(now["safetensors"]) ^ set(want["safetensors"])
-                                              | {k for k in now["safetensors"]
-                                                 if now["safetensors"][k] != want["safetensors"].get(k)})))
+        changed = sorted(k for k in set(now["safetensors"]) | set(want["safetensors"])
+                         if now["safetensors"].get(k) != want["safetensors"].get(k))
+        what = ("config.json" if now["config_sha256"] != want["config_sha256"]
+                else "weight files " + ", ".join(changed))
         raise HybridstackError(
             f"{where}: {base_path} is not the base model the adapters were trained on "
             f"({recorded['model']}; its {what} differ); pass --base-model with the original folder")
