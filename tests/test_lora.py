@@ -468,3 +468,18 @@ def test_qlora_without_bitsandbytes_names_the_extra_in_one_line(monkeypatch):
         lora.quantization_config("4bit", on_cuda=True)
     assert "\n" not in str(err.value)
     assert lora.quantization_config(None, on_cuda=False) is None
+
+
+def test_full_fine_tune_of_a_decoder_predicts_from_its_saved_folder(make_config, tiny_llama):
+    from hybridstack.experiment import open_experiment
+    from hybridstack.predict.families import load_base_models
+    from hybridstack.predict.source import open_run
+
+    cfg, _ = make_config("pairwise", n_train=60, n_test=10,
+                         finetune=lora_section(tiny_llama, epochs=1, method="full"))
+    model, _, test = run_stage(cfg)
+    best = model.fold_dir(0) / "best"
+    assert (best / "model.safetensors").is_file() and not (best / "adapter_config.json").exists()
+    (predictor,) = load_base_models(open_run(cfg.run_dir), [model.name])
+    pred = predictor.predict(predictor.featurizer.transform(open_experiment(cfg).test))
+    np.testing.assert_allclose(pred, test, atol=1e-6)

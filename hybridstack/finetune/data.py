@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -202,13 +203,13 @@ class TurnRenderer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @property
+    @cached_property  # frozen dataclass: cached_property writes __dict__ directly
     def markers(self) -> list[list[int]]:
         if len(self.field_names) == 1:
             return [[]]
         return [self._ids(turn_marker(name)) for name in self.field_names]
 
-    @property
+    @cached_property
     def prefix(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
         return [] if bos is None else [bos]
@@ -251,7 +252,7 @@ class TurnRenderer:
                 ids += markers[j] + turns[j][i]
         return ids + end
 
-    @property
+    @cached_property
     def _end(self) -> list[int]:
         return self._ids(END_MARKER)
 
