@@ -324,6 +324,7 @@ def test_another_base_is_refused_in_one_line_and_the_base_is_found_by_id(make_co
     root = tmp_path / "input"
     shutil.move(base, root / "tiny-llama" / "transformers" / "default" / "1")
     monkeypatch.setenv("HYBRIDSTACK_INPUT_ROOT", str(root))
+    monkeypatch.delenv("HYBRIDSTACK_BASE_MODEL", raising=False)
     ctx = open_run(cfg.run_dir)
     (predictor,) = load_base_models(ctx, [model.name])  # found by the id's name, fingerprint ok
     other = tmp_path / "other"
@@ -364,6 +365,7 @@ def test_predict_submission_of_a_read_only_attached_lora_run(make_config, tiny_l
     assert cli.main(["predict", str(attached), "--input", str(cfg.data.test),
                      "--submission", str(out), "--base-model", str(tiny_llama)]) == 0
     assert digest() == before
+    assert "HYBRIDSTACK_BASE_MODEL" not in __import__("os").environ  # restored after predict
     pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(cfg.run_dir / "submission.csv"),
                                   atol=1e-5)
 
@@ -483,3 +485,26 @@ def test_full_fine_tune_of_a_decoder_predicts_from_its_saved_folder(make_config,
     (predictor,) = load_base_models(open_run(cfg.run_dir), [model.name])
     pred = predictor.predict(predictor.featurizer.transform(open_experiment(cfg).test))
     np.testing.assert_allclose(pred, test, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_predict_processes_give_the_one_process_submission(make_config, tiny_llama, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from hybridstack import cli
+
+    cfg, path = make_config("pairwise", n_train=60, n_test=21, stack={"enabled": True},
+                            finetune=lora_section(tiny_llama, epochs=1, folds=[0, 1]))
+    assert cli.main(["run", "all", "-c", str(path)]) == 0
+    moved = tmp_path / "elsewhere" / "tiny-llama"  # found only through --base-model
+    shutil.copytree(tiny_llama, moved)
+    outputs = []
+    for n in ("1", "2"):
+        out = tmp_path / f"submission_{n}.csv"
+        assert cli.main(["predict", str(cfg.run_dir), "--input", str(cfg.data.test),
+                         "--submission", str(out), "--num-processes", n, "--cpu",
+                         "--base-model", str(moved)]) == 0
+        outputs.append(pd.read_csv(out))
+    pd.testing.assert_frame_equal(outputs[0], outputs[1], atol=1e-5)

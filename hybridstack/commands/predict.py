@@ -9,8 +9,10 @@ The run folder and its workdir are only read: new embeddings go to ``--cache-dir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,10 +71,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    check_arguments(args)
+    with lora_options(args):
+        _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> None:
     from hybridstack.predict.predictor import load  # torch & co. only when predicting
 
-    check_arguments(args)
-    set_lora_options(args)
     if args.input:
         predict_batch(args)
         return
@@ -128,16 +134,29 @@ BASE_MODEL_ENV = "HYBRIDSTACK_BASE_MODEL"
 QUANTIZATION_ENV = "HYBRIDSTACK_PREDICT_QUANTIZATION"
 
 
-def set_lora_options(args: argparse.Namespace) -> None:
-    """--base-model / --quantization as environment variables: row-split processes inherit them."""
+@contextlib.contextmanager
+def lora_options(args: argparse.Namespace) -> Iterator[None]:
+    """--base-model / --quantization as environment variables while predicting (row-split
+    processes inherit them); the previous values come back afterwards."""
+    wanted = {}
     base = getattr(args, "base_model", None)
     if base:
         if not (Path(base) / "config.json").is_file():
             raise HybridstackError(f"--base-model {base}: no config.json there; point it at the "
                                    "base model folder the adapters were trained on")
-        os.environ[BASE_MODEL_ENV] = str(Path(base).resolve())
+        wanted[BASE_MODEL_ENV] = str(Path(base).resolve())
     if getattr(args, "quantization", None):
-        os.environ[QUANTIZATION_ENV] = args.quantization
+        wanted[QUANTIZATION_ENV] = args.quantization
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_arguments(args: argparse.Namespace) -> None:
