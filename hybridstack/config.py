@@ -236,6 +236,10 @@ class FinetuneConfig(Section):
     lora: LoraSettings = LoraSettings()
     # with method = "lora" on CUDA: load the frozen base through bitsandbytes (QLoRA)
     quantization: Literal["4bit", "8bit"] | None = None
+    # distillation: a finished fine-tuned model of this experiment whose fold-k model gives
+    # student fold k soft labels, mixed into the targets with this weight (never its OOF)
+    teacher: str | None = None
+    teacher_weight: float = Field(0.5, ge=0, le=1)
 
 
 class StackConfig(Section):

@@ -508,3 +508,80 @@ def test_two_predict_processes_give_the_one_process_submission(make_config, tiny
                          "--base-model", str(moved)]) == 0
         outputs.append(pd.read_csv(out))
     pd.testing.assert_frame_equal(outputs[0], outputs[1], atol=1e-5)
+
+
+# -- distillation ---------------------------------------------------------------------------
+
+
+def test_distillation_uses_the_teachers_fold_model_never_its_oof_and_shuffled_labels_stay_at_chance(
+        make_config, tiny_llama, monkeypatch):
+    import pandas as pd
+
+    from hybridstack.finetune import distill, loop
+
+    cfg, path = make_config("multiclass", n_train=120, n_test=10,
+                            finetune=lora_section(tiny_llama, name="teacher", folds=[0, 1],
+                                                  epochs=1, max_length=48))
+    train = pd.read_csv(cfg.data.train)
+    train["label"] = np.random.default_rng(7).permutation(train["label"].to_numpy())
+    train.to_csv(cfg.data.train, index=False)  # no signal left: chance is the best CV can do
+    teacher, teacher_oof, _ = run_stage(cfg)
+
+    raw = cfg.model_dump(mode="json")
+    raw["finetune"].update(name="student", teacher="teacher", teacher_weight=0.7)
+    from hybridstack.config import config_from_dict
+
+    student_cfg = config_from_dict(raw)
+    soft, targets = {}, {}
+    real_soft, real_train = distill.soft_targets, loop.train_fold
+
+    def record_soft(accelerator, teacher_dir, config, task, rows, fold):
+        soft[fold] = (rows.ids, real_soft(accelerator, teacher_dir, config, task, rows, fold))
+        return soft[fold][1]
+
+    def record_train(accelerator, cfg, task, model_path, tokenizer, inputs, fold_dir, h, fold):
+        targets[fold] = inputs.train.targets
+        return real_train(accelerator, cfg, task, model_path, tokenizer, inputs, fold_dir, h, fold)
+
+    monkeypatch.setattr(distill, "soft_targets", record_soft)
+    monkeypatch.setattr(stage, "train_fold", record_train)
+    student, student_oof, _ = run_stage(student_cfg)
+
+    from hybridstack.experiment import open_experiment
+
+    exp = open_experiment(student_cfg)
+    folds, Y = exp.folds, exp.train.Y
+    ids = list(exp.train.ids)
+    for k in (0, 1):
+        rows = np.array([ids.index(i) for i in soft[k][0]])
+        assert (folds[rows] != k).all()  # only rows outside fold k
+        np.testing.assert_allclose(targets[k], 0.3 * Y[rows] + 0.7 * soft[k][1], atol=1e-6)
+        # rows of the other trained fold: the teacher's OOF there came from a model that saw
+        # fold k; the soft labels must be the fold-k model's predictions instead
+        other = (folds[rows] == 1 - k)
+        assert other.any()
+        assert np.abs(soft[k][1][other] - teacher_oof[rows[other]]).max() > 1e-3
+    covered = ~np.isnan(student_oof).any(axis=1)
+    chance = _prior_log_loss(Y[covered])
+    assert student.load_scores()["overall"] > chance - 0.02
+    # a refitted teacher (another DONE) refits its students
+    before = stage.fold_config_hash(exp)
+    teacher.done_path.write_text("another-hash")
+    assert stage.fold_config_hash(exp) != before
+
+
+def test_a_teacher_that_cannot_teach_is_one_error_line(make_config, tiny_llama):
+    cfg, _ = make_config("multiclass", n_train=40, n_test=6,
+                         finetune=lora_section(tiny_llama, teacher="stack"))
+    with pytest.raises(HybridstackError, match="stack is fitted") as err:
+        stage.run(cfg)
+    assert "\n" not in str(err.value)
+    cfg, _ = make_config("multiclass", n_train=40, n_test=6,
+                         finetune=lora_section(tiny_llama, teacher="tfidf_logreg"))
+    with pytest.raises(HybridstackError, match="not a finished model"):
+        stage.run(cfg)
+    from hybridstack.stages import tfidf
+
+    tfidf.run(cfg)
+    with pytest.raises(HybridstackError, match="must be a fine-tuned transformer"):
+        stage.run(cfg)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from accelerate import Accelerator
 from hybridstack.config import Config, FinetuneConfig
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
-from hybridstack.finetune import lora
+from hybridstack.finetune import distill, lora
 from hybridstack.finetune.checkpoint import FoldCheckpoints
 from hybridstack.finetune.data import EncodedRows, make_renderer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 _NOT_HASHED = {"enabled", "folds", "num_workers"}
 # Keys added after the first release: hashed only when they differ from their default, so a
 # run finished by an older hybridstack keeps its hash (and is not refitted) after an upgrade.
-_HASHED_WHEN_SET = {"attention_dropout": None, "method": "full", "quantization": None}
+_HASHED_WHEN_SET = {"attention_dropout": None, "method": "full", "quantization": None,
+                    "teacher": None, "teacher_weight": 0.5}
 # Hashed only with method = "lora" (a full fine-tune never reads them).
 _LORA_ONLY = ("lora",)
 
@@ -71,6 +73,12 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
     if settings.get("method") == "full":
         for key in _LORA_ONLY:
             settings.pop(key, None)
+    if settings.get("teacher") is None:
+        settings.pop("teacher_weight", None)
+    else:  # a refitted teacher refits its students
+        teacher = exp.dir.model(settings["teacher"])
+        settings["teacher_done"] = (teacher.done_path.read_text().strip()
+                                    if teacher.done_path.is_file() else None)
     for key, default in _HASHED_WHEN_SET.items():
         if settings.get(key) == default:
             settings.pop(key)
@@ -111,13 +119,17 @@ def run(exp: Experiment | Config) -> None:
             raise HybridstackError(f'finetune.quantization = "{ft.quantization}" trains only '
                                    'adapters on a frozen base: set finetune.method = "lora"')
         lora.quantization_config(ft.quantization, torch.cuda.is_available())
+    teacher = None
+    if ft.teacher is not None:
+        teacher_dir = exp.dir.model(ft.teacher)
+        teacher = (teacher_dir, distill.check_teacher(teacher_dir, model_dir.name, run_folds))
     decoder = lora.is_decoder(model_path)
     tokenizer = load_tokenizer(model_path)
     if decoder:
         lora.prepare_tokenizer(tokenizer)
     views = encode_experiment(exp, tokenizer, decoder)
     result = train_folds(exp, accelerator, model_dir, model_path, tokenizer, views, run_folds,
-                         fold_hash)
+                         fold_hash, teacher)
     if accelerator.is_main_process:
         settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
                     "mixed_precision": accelerator.mixed_precision,
@@ -154,8 +166,13 @@ def encode_experiment(exp: Experiment, tokenizer,
             "test": test, "test_swapped": test_swapped}
 
 
-def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
-    """The training rows (subsampled, swap-augmented) and prediction views of one fold."""
+def fold_inputs(exp: Experiment, views: dict, fold: int,
+                soft: Callable[[np.ndarray], np.ndarray] | None = None) -> FoldInputs:
+    """The training rows (subsampled, swap-augmented) and prediction views of one fold.
+
+    ``soft(train_rows)`` (distillation): the teacher's fold model on those rows, mixed into
+    the targets with ``finetune.teacher_weight``.
+    """
     ft, task, Y = exp.cfg.finetune, exp.task, exp.train.Y
     train_rows, valid_rows = fold_rows(exp.folds, fold)
     if ft.max_train_rows is not None and ft.max_train_rows < len(train_rows):
@@ -163,6 +180,9 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
         train_rows = np.sort(rng.choice(train_rows, ft.max_train_rows, replace=False))
     ids = [views["train"][i] for i in train_rows]
     targets = Y[train_rows]
+    if soft is not None:
+        w = ft.teacher_weight
+        targets = ((1 - w) * targets + w * soft(train_rows)).astype(np.float32)
     if ft.swap_augment and views["train_swapped"] is not None:
         ids += [views["train_swapped"][i] for i in train_rows]
         targets = np.concatenate([targets, targets[:, task.swap_permutation]])
@@ -178,7 +198,8 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
 
 
 def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, model_path,
-                tokenizer, views: dict, run_folds: list[int], fold_hash: str) -> OOFResult:
+                tokenizer, views: dict, run_folds: list[int], fold_hash: str,
+                teacher: tuple[ModelDir, dict] | None = None) -> OOFResult:
     """Train (or load) each fold; OOF rows of untrained folds stay NaN.
 
     Finished folds are keyed by ``fold_hash`` (precision aside); a resume checkpoint also
@@ -195,7 +216,12 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
             log.info("fold %d: finished earlier, loaded from %s", k, model_dir.fold_dir(k))
             outcome = FoldOutcome(*saved)
         else:
-            inputs = fold_inputs(exp, views, k)
+            soft = None
+            if teacher is not None:
+                def soft(rows, k=k):
+                    return distill.soft_targets(accelerator, *teacher, exp.task,
+                                                exp.train.subset(rows), k)
+            inputs = fold_inputs(exp, views, k, soft)
             outcome = train_fold(accelerator, exp.cfg.finetune, exp.task, model_path, tokenizer,
                                  inputs, model_dir.fold_dir(k), resume_hash, k)
             if accelerator.is_main_process:
