@@ -16,6 +16,13 @@ Checks (each with its own time box; a watchdog ends the run, JSON written, at --
   ``Accelerator(mixed_precision=...)`` (backward, grad clipping, step): no exception (the
   classic one is "Attempting to unscale FP16 gradients") and a finite loss. bf16 runs only
   where the GPU has it natively (compute capability >= 8).
+- ``train_lora``: a tiny Llama stored in float16 (a tokenizer without pad token, like the real
+  ones) through ``hybridstack.finetune.lora.build_lora_classifier`` with gradient
+  checkpointing: the frozen base stays float16 on CUDA, every trainable parameter (adapters
+  and head) is float32, a few fp16 steps under GradScaler run with finite loss and change
+  the adapters (``lora_B`` starts at zero). Needs peft (the ``llm`` extra).
+- ``train_qlora``: the same with ``quantization = "4bit"`` (bitsandbytes NF4); skipped with
+  a message where bitsandbytes is missing (or on the CPU dry run).
 - ``ddp_2gpu``: ``hybridstack run finetune -c cfg.toml --num-processes 2`` (NCCL) on a tiny
   synthetic pairwise competition; exit status, wall time, the model folder it wrote.
 - ``throughput``: training samples/s of a deberta-v3-small-sized model (random weights, random
@@ -55,7 +62,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_smoke.json"
-CHECKS = ("load_float32", "train_fp32", "train_fp16", "train_bf16", "ddp_2gpu", "throughput")
+CHECKS = ("load_float32", "train_fp32", "train_fp16", "train_bf16", "train_lora", "train_qlora",
+          "ddp_2gpu", "throughput")
 LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]  # hybridstack.config.PAIRWISE_LABELS
 
 # deberta-v3-small's config.json (microsoft/deberta-v3-small), the throughput model.
@@ -98,6 +106,7 @@ class Sizes:
                       if dry_run else
                       {"load_float32": 30, "train": 40, "ddp_2gpu": 150, "throughput": 75})
         self.minimum = {"load_float32": 5, "train": 5, "ddp_2gpu": 45, "throughput": 20}
+        self.lora_hidden = 64 if dry_run else 256
 
 
 class Report:
@@ -428,6 +437,91 @@ def check_train(folder: Path, precision: str, sizes: Sizes) -> Callable[[float],
             out.update(status="fail", reason="non-finite loss or predictions")
         elif not out["weights_changed"]:
             out.update(status="fail", reason="no optimizer step changed the weights")
+        return out
+
+    return run
+
+
+# -- LoRA / QLoRA on a tiny decoder ----------------------------------------------------------
+
+
+def check_lora(root: Path, sizes: Sizes, quantization: str | None) -> Callable[[float], dict]:
+    def run(deadline: float) -> dict:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            return {"status": "skipped",
+                    "reason": "peft is missing: pip install 'hybridstack[llm]'"}
+        if quantization is not None:
+            if sizes.dry_run:
+                return {"status": "skipped", "reason": "QLoRA needs CUDA (dry run on CPU)"}
+            if importlib.util.find_spec("bitsandbytes") is None:
+                return {"status": "skipped",
+                        "reason": "bitsandbytes is missing: pip install bitsandbytes (llm extra)"}
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from torch.utils.data import DataLoader
+
+        from hybridstack.config import FinetuneConfig
+        from hybridstack.finetune import lora
+        from hybridstack.finetune.data import Collator, EncodedRows, TurnRenderer
+        from hybridstack.finetune.model import load_tokenizer, make_loss, optimizer_groups
+        from hybridstack.synthetic import pairwise_frame, write_tiny_decoder
+
+        folder = root / "tiny_llama_fp16"
+        frame = pairwise_frame(120, seed=3)
+        fields = ["prompt", "response_a", "response_b"]
+        if not folder.exists():
+            texts = [str(t) for f in fields for t in frame[f]]
+            write_tiny_decoder(folder, texts, "llama", dtype="float16",
+                               hidden_size=sizes.lora_hidden)
+        reset_accelerate()
+        accelerator = Accelerator(mixed_precision="no" if sizes.dry_run else "fp16",
+                                  cpu=sizes.dry_run)
+        set_seed(0)
+        tokenizer = lora.prepare_tokenizer(load_tokenizer(folder))
+        renderer = TurnRenderer(tokenizer, fields, (0.2, 0.4, 0.4), sizes.train_length, 0.5)
+        ids, _ = renderer.render({f: frame[f].fillna("").astype(str).tolist() for f in fields})
+        rows = EncodedRows(ids[:sizes.train_rows],
+                           frame[LABELS].to_numpy(dtype=np.float32)[:sizes.train_rows])
+        cfg = FinetuneConfig(model=str(folder), method="lora", quantization=quantization,
+                             gradient_checkpointing=True, lora={"r": 8, "alpha": 16})
+        model = lora.build_lora_classifier(folder, LABELS, False, cfg, tokenizer.pad_token_id)
+        trainable = {n: str(p.dtype).replace("torch.", "") for n, p in model.named_parameters()
+                     if p.requires_grad}
+        frozen = dict(Counter(str(p.dtype).replace("torch.", "") for p in model.parameters()
+                              if not p.requires_grad))
+        n_trainable, n_total = lora.count_parameters(model)
+        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
+        loader = DataLoader(rows, batch_size=sizes.train_batch, collate_fn=Collator(tokenizer))
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        loss_fn = make_loss(False)
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        model.train()
+        losses = []
+        for batch in loader:
+            if time.monotonic() > deadline:
+                return {"status": "fail", "reason": f"time box hit after {len(losses)} steps"}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            loss = loss_fn(logits.float(), batch["labels"])
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(round(loss.item(), 5))
+        moved = any(bool((p != 0).any()) for p in lora_b)
+        out = {"steps": len(losses), "losses": losses, "trainable_parameters": n_trainable,
+               "total_parameters": n_total, "frozen_dtypes": frozen,
+               "trainable_dtypes": sorted(set(trainable.values())),
+               "detail": f"{len(losses)} steps, {n_trainable} of {n_total} parameters trained, "
+                         f"frozen {frozen}"}
+        if set(trainable.values()) != {"float32"}:
+            out.update(status="fail", reason=f"trainable parameters not float32: {trainable}")
+        elif not all(math.isfinite(x) for x in losses):
+            out.update(status="fail", reason="non-finite loss")
+        elif not moved:
+            out.update(status="fail", reason="the adapters did not change (no gradient?)")
         return out
 
     return run
@@ -800,6 +894,10 @@ def main(argv: list[str] | None = None) -> int:
                 report.check("train_bf16", status="skipped",
                              reason=f"no bf16 (compute capability {major}.{minor} < 8: "
                              "emulated only)")
+        run_check(report, "train_lora", box["train"], deadline, least["train"],
+                  check_lora(root, sizes, None))
+        run_check(report, "train_qlora", box["train"], deadline, least["train"],
+                  check_lora(root, sizes, "4bit"))
         reset_accelerate()
         n_gpus = torch.cuda.device_count() if not dry_run else 0
         if dry_run or n_gpus >= 2:

@@ -9,6 +9,7 @@
 #    constraint pins it to the version already there, so pip fails rather than replace it);
 # 2. installs only what `hybridstack run finetune` imports (FINETUNE_DEPS below), with the
 #    version ranges of the wheel's own metadata;
+#    then, best effort, peft and bitsandbytes (the llm extra) for the LoRA / QLoRA steps;
 # 3. runs bench/gpu_smoke.py in that venv (results: bench/results/gpu_smoke.json).
 #
 # Environment:
@@ -130,6 +131,12 @@ say "installing: $(tr '\n' ' ' <"$tmp/requirements.txt")(and the wheel, --no-dep
   || die "installing the fine-tune dependencies failed (see pip above); a conflict on torch means" \
          "a dependency wants another torch than the machine's $torch_version, never replaced here"
 "$py" -m pip install "${pip_opts[@]}" --no-deps "$wheel"
+# The LoRA and QLoRA steps need the llm extra (peft; bitsandbytes for QLoRA). Either may fail to
+# install (no wheel for this machine, offline without it): its step then says it is skipped.
+for dep in "peft>=0.21" "bitsandbytes>=0.45"; do
+  "$py" -m pip install "${pip_opts[@]}" -c "$tmp/constraints.txt" "$dep" \
+    || say "could not install $dep: the smoke step that needs it will be skipped"
+done
 
 # the venv must use the machine's torch and its own hybridstack (run outside the repo, where
 # ./hybridstack would shadow the installed one)

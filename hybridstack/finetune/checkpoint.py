@@ -57,10 +57,13 @@ def recover_dir(final: Path) -> None:
 class FoldCheckpoints:
     """Writes and reads one fold's checkpoints; every process calls every method."""
 
-    def __init__(self, accelerator: Accelerator, fold_dir: Path, config_hash: str):
+    def __init__(self, accelerator: Accelerator, fold_dir: Path, config_hash: str,
+                 partial_model: bool = False):
         self.accelerator = accelerator
         self.fold_dir = Path(fold_dir)
         self.config_hash = config_hash
+        # LoRA: last/ holds only the trainable weights (lora.adapter_only_checkpoints)
+        self.partial_model = partial_model
 
     @property
     def last_dir(self) -> Path:
@@ -86,7 +89,10 @@ class FoldCheckpoints:
                 f"(hash {saved.get('config_hash')}, now {self.config_hash}); delete that folder "
                 "to restart the fold, or restore the settings it was made with"
             )
-        self.accelerator.load_state(str(self.last_dir))
+        if self.partial_model:
+            self.accelerator.load_state(str(self.last_dir), strict=False)
+        else:
+            self.accelerator.load_state(str(self.last_dir))
         state = TrainState(**saved["state"])
         log.info("%s: resumed after epoch %d", self.fold_dir.name, state.epoch)
         return state
@@ -101,11 +107,19 @@ class FoldCheckpoints:
 
         self._write_dir(self.last_dir, fill, every_process=True)
 
-    def save_best(self, model, tokenizer) -> None:
-        """``save_pretrained`` of the model (unwrapped from DDP) and its tokenizer."""
+    def save_best(self, model, tokenizer,
+                  writer: Callable[[object, object, Path], None] | None = None) -> None:
+        """``save_pretrained`` of the model (unwrapped from DDP) and its tokenizer.
+
+        ``writer(model, tokenizer, folder)`` replaces it (LoRA: the adapters and the base's id).
+        """
 
         def fill(tmp: Path) -> None:
-            self.accelerator.unwrap_model(model).save_pretrained(str(tmp))
+            unwrapped = self.accelerator.unwrap_model(model)
+            if writer is not None:
+                writer(unwrapped, tokenizer, tmp)
+                return
+            unwrapped.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
 
         self._write_dir(self.best_dir, fill, every_process=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -140,9 +141,11 @@ class Renderer:
             ids += truncate_head_tail(segment, budget, self.head_fraction) + [self.sep_id]
         return ids
 
-    def render(self, fields: dict[str, list[str]],
-               swap: tuple[str, str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+    def render(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
+               turns: dict | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
         """Input ids of every row, and of its swapped view when ``swap`` names two fields.
+
+        ``turns`` (a Dataset's) is for :class:`TurnRenderer`; segments here are whole fields.
 
         Returns
         -------
@@ -159,6 +162,121 @@ class Renderer:
         return ids, swapped
 
 
+# Decoder backbones: each segment's turns come after a marker, turn by turn, and the row
+# ends with END_MARKER, whose last token is the one the classification head pools.
+END_MARKER = "\n<verdict>:"
+# Turns of a long conversation kept (head + tail) when markers would take more of the budget.
+MARKER_SHARE_CAP = 0.25
+
+
+def turn_marker(field_name: str) -> str:
+    return f"\n<{field_name}>: "
+
+
+@dataclass(frozen=True)
+class TurnRenderer:
+    """Renders task fields for decoder backbones (Llama, Gemma-2, Qwen2, Mistral).
+
+    ``[BOS] <prompt>: p1 <response_a>: a1 <response_b>: b1 <prompt>: p2 ... <verdict>:``:
+    the turns of every segment interleaved behind clear markers. The budget is split
+    between segments by ``shares`` (water-filling, as for encoders), then within a segment
+    between its turns, each turn cut head+tail. A row never ends with a pad/eos token, so
+    the head's "last non-pad token" is always the end marker's, even where pad = eos.
+    """
+
+    tokenizer: object
+    field_names: list[str]
+    shares: tuple[float, ...]
+    max_length: int
+    head_fraction: float
+
+    def __post_init__(self) -> None:
+        if len(self.shares) != len(self.field_names):
+            raise HybridstackError(
+                f"finetune.segment_budget has {len(self.shares)} shares but the task has "
+                f"{len(self.field_names)} segments ({', '.join(self.field_names)}); give one share each"
+            )
+        if self.tokenizer.pad_token_id is None:
+            raise HybridstackError("finetune.model: the decoder tokenizer has no pad token "
+                                   "(hybridstack.finetune.lora.prepare_tokenizer sets one)")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @cached_property  # frozen dataclass: cached_property writes __dict__ directly
+    def markers(self) -> list[list[int]]:
+        if len(self.field_names) == 1:
+            return [[]]
+        return [self._ids(turn_marker(name)) for name in self.field_names]
+
+    @cached_property
+    def prefix(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return [] if bos is None else [bos]
+
+    def tokenize(self, fields: dict[str, list[str]],
+                 turns: dict | None = None) -> list[list[list[list[int]]]]:
+        """``[row][segment][turn] -> ids`` (no special tokens, no markers)."""
+        max_chars = self.max_length * CHARS_PER_TOKEN_CAP
+        columns = []
+        for name in self.field_names:
+            field_turns = None if turns is None else turns.get(name)
+            rows = [(t,) if field_turns is None or field_turns[i] is None else field_turns[i]
+                    for i, t in enumerate(fields[name])]
+            unique = list(dict.fromkeys(clip_chars(t, max_chars, self.head_fraction)
+                                        for row in rows for t in row))
+            encoded = self.tokenizer(unique, add_special_tokens=False, verbose=False)["input_ids"]
+            lookup = dict(zip(unique, encoded))
+            columns.append([[lookup[clip_chars(t, max_chars, self.head_fraction)] for t in row]
+                            for row in rows])
+        return [list(segments) for segments in zip(*columns)]
+
+    def assemble(self, segments: Sequence[Sequence[Sequence[int]]]) -> list[int]:
+        markers, prefix, end = self.markers, self.prefix, self._end
+        n_turns = max(len(s) for s in segments)
+        per_turn = sum(len(m) for m in markers)
+        fixed = len(prefix) + len(end)
+        room = self.max_length - fixed
+        keep = max(1, min(n_turns, int(room * MARKER_SHARE_CAP) // max(per_turn, 1)))
+        kept = truncate_head_tail(list(range(n_turns)), keep, self.head_fraction)
+        # each segment's kept turns (a segment with fewer turns than others is padded with [])
+        turns = [[list(s[t]) if t < len(s) else [] for t in kept] for s in segments]
+        budget = max(0, room - per_turn * len(kept))
+        seg_budget = allocate_budget([sum(map(len, ts)) for ts in turns], self.shares, budget)
+        for j, ts in enumerate(turns):
+            cuts = allocate_budget([len(t) for t in ts], [1.0] * len(ts), seg_budget[j])
+            turns[j] = [truncate_head_tail(t, c, self.head_fraction) for t, c in zip(ts, cuts)]
+        ids = list(prefix)
+        for i in range(len(kept)):
+            for j in range(len(segments)):
+                ids += markers[j] + turns[j][i]
+        return ids + end
+
+    @cached_property
+    def _end(self) -> list[int]:
+        return self._ids(END_MARKER)
+
+    def render(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
+               turns: dict | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Like :meth:`Renderer.render`; the swapped view exchanges the two segments' turns."""
+        rows = self.tokenize(fields, turns)
+        ids = [self.assemble(segments) for segments in rows]
+        if swap is None:
+            return ids, None
+        a, b = (self.field_names.index(f) for f in swap)
+        order = list(range(len(self.field_names)))
+        order[a], order[b] = order[b], order[a]
+        swapped = [self.assemble([segments[j] for j in order]) for segments in rows]
+        return ids, swapped
+
+
+def make_renderer(tokenizer, field_names: list[str], shares: tuple[float, ...], max_length: int,
+                  head_fraction: float, decoder: bool) -> Renderer | TurnRenderer:
+    """The renderer of an encoder (``[CLS] a [SEP] b [SEP]``) or a decoder (turns + markers)."""
+    cls = TurnRenderer if decoder else Renderer
+    return cls(tokenizer, list(field_names), shares, max_length, head_fraction)
+
+
 @dataclass(frozen=True)
 class TokenFeaturizer:
     """How a fine-tuned model's rows become token ids: saved as its ``featurizer.joblib``
@@ -170,23 +288,26 @@ class TokenFeaturizer:
     max_length: int
     head_fraction: float
     swap: tuple[str, str] | None  # the fields exchanged for the swapped view, if any
+    decoder: bool = False  # a decoder backbone: turns behind markers (TurnRenderer)
 
     @classmethod
     def from_settings(cls, ft: dict, field_names: Sequence[str],
-                      swap_fields: tuple[str, str] | None) -> TokenFeaturizer:
+                      swap_fields: tuple[str, str] | None, decoder: bool = False
+                      ) -> TokenFeaturizer:
         """From the [finetune] settings (``FinetuneConfig.model_dump(mode="json")``)."""
         shares = tuple(ft["segment_budget"]) if len(field_names) > 1 else (1.0,)
         wants_swap = ft["swap_augment"] or ft["swap_tta"]
         return cls(tuple(field_names), shares, ft["max_length"], ft["head_fraction"],
-                   tuple(swap_fields) if wants_swap and swap_fields else None)
+                   tuple(swap_fields) if wants_swap and swap_fields else None, decoder)
 
-    def renderer(self, tokenizer) -> Renderer:
-        return Renderer(tokenizer, list(self.field_names), self.shares, self.max_length,
-                        self.head_fraction)
+    def renderer(self, tokenizer) -> Renderer | TurnRenderer:
+        return make_renderer(tokenizer, list(self.field_names), self.shares, self.max_length,
+                             self.head_fraction, self.decoder)
 
-    def render(self, tokenizer, fields: dict[str, list[str]]) -> list[list[list[int]]]:
-        """[ids] or [ids, swapped ids]: n token-id lists per view."""
-        ids, swapped = self.renderer(tokenizer).render(fields, self.swap)
+    def render(self, tokenizer, fields: dict[str, list[str]],
+               turns: dict | None = None) -> list[list[list[int]]]:
+        """[ids] or [ids, swapped ids]: n token-id lists per view (``turns``: a Dataset's)."""
+        ids, swapped = self.renderer(tokenizer).render(fields, self.swap, turns)
         return [ids] if swapped is None else [ids, swapped]
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import get_scheduler
 
 from hybridstack.config import FinetuneConfig
 from hybridstack.errors import HybridstackError
+from hybridstack.finetune import lora
 from hybridstack.finetune.checkpoint import FoldCheckpoints, TrainState
 from hybridstack.finetune.data import (
     Collator,
@@ -96,10 +98,18 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
     started = time.perf_counter()
     multilabel = task.kind == "multilabel"
     set_seed(cfg.seed + fold)  # head init and dropout; resume overwrites RNG from last/
-    model = load_classifier(model_path, task.label_names, multilabel, cfg.dropout,
-                            attention_dropout=cfg.attention_dropout)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    # decoders pool the last non-pad token: the config must know the (added) pad token
+    pad_token_id = tokenizer.pad_token_id if lora.is_decoder(model_path) else None
+    writer = None
+    if cfg.method == "lora":
+        model = lora.build_lora_classifier(model_path, task.label_names, multilabel, cfg,
+                                           pad_token_id)
+        writer = partial(_save_adapter, base_id=cfg.model, base_path=model_path)
+    else:
+        model = load_classifier(model_path, task.label_names, multilabel, cfg.dropout,
+                                attention_dropout=cfg.attention_dropout, pad_token_id=pad_token_id)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
     sampler = LengthGroupedBatchSampler(inputs.train.lengths, cfg.batch_size, cfg.seed + fold)
     loader = DataLoader(inputs.train, batch_sampler=sampler, collate_fn=Collator(tokenizer),
@@ -115,7 +125,10 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
                if multilabel and cfg.class_weighted_bce else None)
     loss_fn = make_loss(multilabel, 0.0 if multilabel else cfg.label_smoothing, weights)
 
-    checkpoints = FoldCheckpoints(accelerator, fold_dir, config_hash)
+    if cfg.method == "lora":
+        lora.adapter_only_checkpoints(accelerator)
+    checkpoints = FoldCheckpoints(accelerator, fold_dir, config_hash,
+                                  partial_model=cfg.method == "lora")
     choice_views, Y_choice = inputs.epoch_choice_views()
     state = checkpoints.resume()
     while state.epoch < cfg.epochs and not state.stopped:
@@ -141,10 +154,14 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
         improved = update_early_stopping(state, score, task, cfg.patience)
         log_epoch(fold, state, stats, task.metric_name, score, improved)
         if improved:
-            checkpoints.save_best(model, tokenizer)
+            checkpoints.save_best(model, tokenizer, writer)
         checkpoints.save_last(state)
 
-    best = load_trained(checkpoints.best_dir).to(accelerator.device)
+    if cfg.method == "lora":  # the best epoch's adapters into the model in memory (no base reload)
+        lora.load_adapter_weights(accelerator.unwrap_model(model), checkpoints.best_dir)
+        best = model
+    else:
+        best = load_trained(checkpoints.best_dir).to(accelerator.device)
     valid_pred = predict_views(accelerator, best, inputs.valid_views, inputs.permutation,
                                tokenizer, cfg.eval_batch_size, multilabel)
     test_pred = None
@@ -155,6 +172,10 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
     info = {"seconds": round(time.perf_counter() - started, 3), "best_iteration": state.best_epoch,
             "best_score": state.best_score, "epochs_run": state.epoch, "history": state.history}
     return FoldOutcome(valid_pred, test_pred, info)
+
+
+def _save_adapter(model, tokenizer, folder: Path, base_id: str, base_path: Path) -> None:
+    lora.save_adapter(model, tokenizer, folder, base_id, base_path)
 
 
 def update_early_stopping(state: TrainState, score: float, task: Task, patience: int) -> bool:

@@ -80,7 +80,8 @@ def load_trained(path: Path):
 
 def load_classifier(path: Path, label_names: list[str], multilabel: bool,
                     dropout: float | None = None, key: str = "finetune.model",
-                    attention_dropout: float | None = None):
+                    attention_dropout: float | None = None, dtype: torch.dtype = torch.float32,
+                    pad_token_id: int | None = None, **load_kwargs):
     """AutoModelForSequenceClassification from ``path`` with a fresh head of C outputs.
 
     The weights are loaded in float32 whatever their stored dtype: the Hub's DeBERTa-v3
@@ -94,6 +95,9 @@ def load_classifier(path: Path, label_names: list[str], multilabel: bool,
     multilabel : sigmoid/BCE problem type instead of softmax/cross-entropy.
     dropout : when given, the hidden-state and classifier-head dropout rate.
     attention_dropout : when given, the attention-probability dropout rate.
+    dtype : float32 for a full fine-tune; a LoRA base keeps its storage dtype.
+    pad_token_id : when given, written into the config (decoders pool the last non-pad token).
+    load_kwargs : e.g. a bitsandbytes ``quantization_config`` and its ``device_map`` (QLoRA).
     """
     try:
         config = AutoConfig.from_pretrained(
@@ -103,9 +107,11 @@ def load_classifier(path: Path, label_names: list[str], multilabel: bool,
             label2id={name: i for i, name in enumerate(label_names)},
         )
         set_dropout(config, dropout, attention_dropout)
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
         # a head fine-tuned for another label count is replaced, not an error
         return AutoModelForSequenceClassification.from_pretrained(
-            str(path), config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
+            str(path), config=config, ignore_mismatched_sizes=True, dtype=dtype, **load_kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise HybridstackError(
             f"{key}: cannot load a sequence-classification model from {path} "

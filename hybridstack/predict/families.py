@@ -12,7 +12,8 @@ compute their features once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from hybridstack.errors import HybridstackError
 from hybridstack.features.embed_matrix import EmbedFeaturizer
 from hybridstack.features.tfidf import TfidfFeaturizer
+from hybridstack.finetune import lora
 from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
 from hybridstack.finetune.loop import predict_views as predict_token_views
 from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
@@ -133,11 +135,21 @@ class FinetuneFeaturizer:
 
     def transform(self, ds: Dataset) -> list[list[list[int]]]:
         """[ids] or [ids, swapped ids]: n token-id lists per view."""
-        return self.saved.render(self.tokenizer, ds.fields)
+        return self.saved.render(self.tokenizer, ds.fields, ds.turns)
+
+
+def is_decoder_run(settings: dict[str, Any]) -> bool:
+    return settings.get("backbone") == "decoder"  # runs before decoders existed: encoders
 
 
 class FinetuneModel:
-    """A fine-tuned transformer: the best checkpoint (``fold_<k>/best/``) of every trained fold."""
+    """A fine-tuned transformer: the best checkpoint (``fold_<k>/best/``) of every trained fold.
+
+    A LoRA model (``method = "lora"``) loads its base once, found by the recorded id through
+    the model lookup (or ``predict --base-model``) and checked against the recorded
+    fingerprint, with every fold's adapters; ``predict --quantization 4bit`` loads the base
+    in 4-bit (a 9B model on a T4).
+    """
 
     def __init__(self, model: ModelDir, config: dict[str, Any], ctx: RunContext):
         settings = config["settings"]
@@ -146,15 +158,28 @@ class FinetuneModel:
                      for k in trained_folds(model)]
         self.name = model.name
         tokenizer = load_tokenizer(best_dirs[0], key=f"models/{model.name}")
+        if is_decoder_run(settings):
+            lora.prepare_tokenizer(tokenizer)
         saved_path = model.path / FEATURIZER_FILE
         saved = (joblib.load(saved_path) if saved_path.is_file()  # older runs: from config.json
                  else TokenFeaturizer.from_settings(settings, ctx.task.field_names,
-                                                    ctx.task.swap_fields))
+                                                    ctx.task.swap_fields, is_decoder_run(settings)))
         self.featurizer = FinetuneFeaturizer(saved, tokenizer, f"finetune:{model.name}")
         self.tokenizer = tokenizer
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(settings["mixed_precision"]))
-        self.models = [load_trained(d).to(self.accelerator.device) for d in best_dirs]
+        self.adapter_names: list[str] | None = None
+        if settings.get("method", "full") == "lora":
+            where = f"models/{model.name}"
+            base_id = read_json(required_file(best_dirs[0] / lora.BASE_FILE, model, hint))["model"]
+            base_path = lora.find_base(base_id, where)
+            quantization = (os.environ.get(lora.QUANTIZATION_ENV, "").strip()
+                            or settings.get("quantization"))
+            merged, self.adapter_names = lora.load_adapter_models(
+                best_dirs, base_path, quantization or None, where, self.accelerator.device)
+            self.models = [merged]
+        else:
+            self.models = [load_trained(d).to(self.accelerator.device) for d in best_dirs]
         tta = settings["swap_tta"] and ctx.task.swap_fields is not None
         self.permutation = ctx.task.swap_permutation if tta else None
         self.batch_size = settings["eval_batch_size"]
@@ -168,7 +193,16 @@ class FinetuneModel:
         return fold_average(
             predict_token_views(self.accelerator, model, rows, self.permutation, self.tokenizer,
                                 self.batch_size, self.multilabel)
-            for model in self.models)
+            for model in self._fold_models())
+
+    def _fold_models(self) -> Iterable[Any]:
+        """Each fold's model; LoRA folds are one base with the fold's adapters switched in."""
+        if self.adapter_names is None:
+            yield from self.models
+            return
+        for name in self.adapter_names:
+            self.models[0].set_adapter(name)
+            yield self.models[0]
 
 
 # -- loading -----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Recipe:
 
 RECIPES = {
     "lmsys": ("pairwise", "llm-classification-finetuning"),
+    "lmsys-llm": ("pairwise", "llm-classification-finetuning"),  # Gemma-2-9B-class LoRA
     "jigsaw": ("multilabel", "jigsaw-toxic-comment-classification-challenge"),
 }
 # The recipe whose fine-tune settings `init --gpu` uses for a detected task kind.

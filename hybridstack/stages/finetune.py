@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 
 from hybridstack.config import Config, FinetuneConfig
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
+from hybridstack.finetune import distill, lora
 from hybridstack.finetune.checkpoint import FoldCheckpoints
 from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
@@ -40,7 +43,10 @@ log = logging.getLogger(__name__)
 _NOT_HASHED = {"enabled", "folds", "num_workers"}
 # Keys added after the first release: hashed only when they differ from their default, so a
 # run finished by an older hybridstack keeps its hash (and is not refitted) after an upgrade.
-_HASHED_WHEN_SET = {"attention_dropout": None}
+_HASHED_WHEN_SET = {"attention_dropout": None, "method": "full", "quantization": None,
+                    "teacher": None, "teacher_weight": 0.5}
+# Hashed only with method = "lora" (a full fine-tune never reads them).
+_LORA_ONLY = ("lora",)
 
 
 def model_folder_name(cfg: FinetuneConfig) -> str:
@@ -63,6 +69,15 @@ def fold_config_hash(exp: Experiment, num_processes: int = 1, *,
     finished keep their results.
     """
     settings = exp.cfg.finetune.model_dump(mode="json", exclude=_NOT_HASHED)
+    if settings.get("method") == "full":
+        for key in _LORA_ONLY:
+            settings.pop(key, None)
+    if settings.get("teacher") is None:
+        settings.pop("teacher_weight", None)
+    else:  # a refitted teacher refits its students
+        teacher = exp.dir.model(settings["teacher"])
+        settings["teacher_done"] = (teacher.done_path.read_text().strip()
+                                    if teacher.done_path.is_file() else None)
     for key, default in _HASHED_WHEN_SET.items():
         if settings.get(key) == default:
             settings.pop(key)
@@ -96,15 +111,30 @@ def run(exp: Experiment | Config) -> None:
         return
 
     model_path = resolve_model(ft.model, "finetune.model")
+    if ft.method == "lora":
+        lora.require_peft()  # one line naming the extra, before anything is tokenised
+    if ft.quantization is not None:
+        if ft.method != "lora":
+            raise HybridstackError(f'finetune.quantization = "{ft.quantization}" trains only '
+                                   'adapters on a frozen base: set finetune.method = "lora"')
+        lora.quantization_config(ft.quantization, torch.cuda.is_available())
+    teacher = None
+    if ft.teacher is not None:
+        teacher_dir = exp.dir.model(ft.teacher)
+        teacher = (teacher_dir, distill.check_teacher(teacher_dir, model_dir.name, run_folds))
+    decoder = lora.is_decoder(model_path)
     tokenizer = load_tokenizer(model_path)
-    views = encode_experiment(exp, tokenizer)
+    if decoder:
+        lora.prepare_tokenizer(tokenizer)
+    views = encode_experiment(exp, tokenizer, decoder)
     result = train_folds(exp, accelerator, model_dir, model_path, tokenizer, views, run_folds,
-                         fold_hash)
+                         fold_hash, teacher)
     if accelerator.is_main_process:
         settings = {**ft.model_dump(mode="json"), "model_path": str(model_path),
                     "mixed_precision": accelerator.mixed_precision,
-                    "num_processes": accelerator.num_processes}
-        write_joblib(model_dir.path / FEATURIZER_FILE, token_featurizer(exp))
+                    "num_processes": accelerator.num_processes,
+                    "backbone": "decoder" if decoder else "encoder"}
+        write_joblib(model_dir.path / FEATURIZER_FILE, token_featurizer(exp, decoder))
         save_model_outputs(exp, model_dir, result, settings, done_hash, stage="finetune")
         write_best_submission(exp)
     accelerator.wait_for_everyone()
@@ -121,23 +151,30 @@ def _folds_to_run(ft: FinetuneConfig, n_splits: int) -> list[int]:
     return folds
 
 
-def token_featurizer(exp: Experiment) -> TokenFeaturizer:
+def token_featurizer(exp: Experiment, decoder: bool = False) -> TokenFeaturizer:
     return TokenFeaturizer.from_settings(exp.cfg.finetune.model_dump(mode="json"),
-                                         exp.task.field_names, exp.task.swap_fields)
+                                         exp.task.field_names, exp.task.swap_fields, decoder)
 
 
-def encode_experiment(exp: Experiment, tokenizer) -> dict[str, list[list[int]] | None]:
+def encode_experiment(exp: Experiment, tokenizer,
+                      decoder: bool = False) -> dict[str, list[list[int]] | None]:
     """Token ids of train and test rows, and of their A/B-swapped views (pairwise)."""
-    featurizer = token_featurizer(exp)
-    train = featurizer.render(tokenizer, exp.train.fields)
-    test = None if exp.test is None else featurizer.render(tokenizer, exp.test.fields)
+    featurizer = token_featurizer(exp, decoder)
+    train = featurizer.render(tokenizer, exp.train.fields, exp.train.turns)
+    test = None if exp.test is None else featurizer.render(tokenizer, exp.test.fields,
+                                                           exp.test.turns)
     return {"train": train[0], "train_swapped": train[1] if len(train) > 1 else None,
             "test": None if test is None else test[0],
             "test_swapped": test[1] if test is not None and len(test) > 1 else None}
 
 
-def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
-    """The training rows (subsampled, swap-augmented) and prediction views of one fold."""
+def fold_inputs(exp: Experiment, views: dict, fold: int,
+                soft: Callable[[np.ndarray], np.ndarray] | None = None) -> FoldInputs:
+    """The training rows (subsampled, swap-augmented) and prediction views of one fold.
+
+    ``soft(train_rows)`` (distillation): the teacher's fold model on those rows, mixed into
+    the targets with ``finetune.teacher_weight``.
+    """
     ft, task, Y = exp.cfg.finetune, exp.task, exp.train.Y
     train_rows, valid_rows = fold_rows(exp.folds, fold)
     split = exp.early_stopping_split()
@@ -149,6 +186,9 @@ def fold_inputs(exp: Experiment, views: dict, fold: int) -> FoldInputs:
         train_rows = np.sort(rng.choice(train_rows, ft.max_train_rows, replace=False))
     ids = [views["train"][i] for i in train_rows]
     targets = Y[train_rows]
+    if soft is not None:
+        w = ft.teacher_weight
+        targets = ((1 - w) * targets + w * soft(train_rows)).astype(np.float32)
     if ft.swap_augment and views["train_swapped"] is not None:
         ids += [views["train_swapped"][i] for i in train_rows]
         targets = np.concatenate([targets, swapped_targets(targets, task.swap_permutation)])
@@ -170,7 +210,8 @@ def prediction_views(views: dict, split: str, rows: np.ndarray | None,
 
 
 def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, model_path,
-                tokenizer, views: dict, run_folds: list[int], fold_hash: str) -> OOFResult:
+                tokenizer, views: dict, run_folds: list[int], fold_hash: str,
+                teacher: tuple[ModelDir, dict] | None = None) -> OOFResult:
     """Train (or load) each fold; OOF rows of untrained folds stay NaN.
 
     Finished folds are keyed by ``fold_hash`` (precision aside); a resume checkpoint also
@@ -186,7 +227,12 @@ def train_folds(exp: Experiment, accelerator: Accelerator, model_dir: ModelDir, 
             log.info("fold %d: finished earlier, loaded from %s", k, model_dir.fold_dir(k))
             outcome = FoldOutcome(*saved)
         else:
-            inputs = fold_inputs(exp, views, k)
+            soft = None
+            if teacher is not None:
+                def soft(rows, k=k):
+                    return distill.soft_targets(accelerator, *teacher, exp.task,
+                                                exp.train.subset(rows), k)
+            inputs = fold_inputs(exp, views, k, soft)
             outcome = train_fold(accelerator, exp.cfg.finetune, exp.task, model_path, tokenizer,
                                  inputs, model_dir.fold_dir(k), resume_hash, k)
             if accelerator.is_main_process:
