@@ -22,6 +22,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in _NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (the llm extra) warns on import, which accelerate does, that a CPU kernel
+    # package is missing: true on every CPU machine and irrelevant (4-bit needs CUDA anyway)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def run_guarded(action: Callable[[], object]) -> int:
