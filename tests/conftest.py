@@ -64,3 +64,26 @@ def make_config(tmp_path: Path):
         return config_from_dict(raw), path
 
     return factory
+
+
+@pytest.fixture
+def killed_after_first_epoch(monkeypatch):
+    """``killed_after_first_epoch(cfg)``: run the finetune stage on ``cfg`` and kill it
+    (KeyboardInterrupt) right after epoch 1's resume checkpoint is written."""
+    from hybridstack.finetune import loop
+    from hybridstack.stages import finetune as stage
+
+    def run_and_kill(cfg) -> None:
+        real_save = loop.FoldCheckpoints.save_last
+
+        def save_then_die(self, state):
+            real_save(self, state)
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop.FoldCheckpoints, "save_last", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            stage.run(cfg)
+        monkeypatch.undo()
+
+    return run_and_kill

@@ -227,24 +227,15 @@ def test_oof_rows_are_the_validation_rows_in_order(make_config, tiny_model):
     np.testing.assert_allclose(oof[covered], direct, atol=1e-5)
 
 
-def test_resume_after_a_kill_gives_the_same_predictions(make_config, tiny_model, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_predictions(make_config, tiny_model,
+                                                        killed_after_first_epoch):
     section = finetune_section(tiny_model, epochs=3)
     reference_cfg, _ = make_config("pairwise", n_train=90, n_test=12, finetune=section,
                                    experiment="uninterrupted")
     _, ref_oof, ref_test = run_stage(reference_cfg)
 
     cfg, _ = make_config("pairwise", n_train=90, n_test=12, finetune=section, experiment="killed")
-    real_save = loop.FoldCheckpoints.save_last
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        if state.epoch == 1:
-            raise KeyboardInterrupt  # killed right after epoch 1's checkpoint
-
-    monkeypatch.setattr(loop.FoldCheckpoints, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stage.run(cfg)
-    monkeypatch.undo()
+    killed_after_first_epoch(cfg)
     fold_dir = ExperimentDir(cfg.run_dir).model(stage.model_folder_name(cfg.finetune)).fold_dir(0)
     assert (fold_dir / "last" / "trainer_state.json").is_file()
 

@@ -220,26 +220,14 @@ def _append_swapped_test_rows(cfg) -> None:
         cfg.data.sample_submission, index=False)
 
 
-def test_resume_after_a_kill_is_bit_identical(make_config, tiny_llama, monkeypatch):
-    from hybridstack.finetune import loop
-
+def test_resume_after_a_kill_is_bit_identical(make_config, tiny_llama, killed_after_first_epoch):
     section = lora_section(tiny_llama, epochs=3, lora={"r": 4, "alpha": 8, "dropout": 0.1},
                            dropout=0.1)
     ref_cfg, _ = make_config("pairwise", n_train=60, n_test=8, finetune=section,
                              experiment="uninterrupted")
     _, ref_oof, ref_test = run_stage(ref_cfg)
     cfg, _ = make_config("pairwise", n_train=60, n_test=8, finetune=section, experiment="killed")
-    real_save = loop.FoldCheckpoints.save_last
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        if state.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop.FoldCheckpoints, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stage.run(cfg)
-    monkeypatch.undo()
+    killed_after_first_epoch(cfg)
     last = ExperimentDir(cfg.run_dir).model(stage.model_folder_name(cfg.finetune)).fold_dir(0) / "last"
     from safetensors import safe_open
 

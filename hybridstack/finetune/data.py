@@ -77,6 +77,15 @@ def clip_chars(text: str, max_chars: int, head_fraction: float) -> str:
     return text[:n_head] + " " + text[len(text) - (max_chars - n_head):]
 
 
+def check_shares(shares: Sequence[float], field_names: Sequence[str]) -> None:
+    """One budget share per segment, or one error line naming the setting."""
+    if len(shares) != len(field_names):
+        raise HybridstackError(
+            f"finetune.segment_budget has {len(shares)} shares but the task has "
+            f"{len(field_names)} segments ({', '.join(field_names)}); give one share each"
+        )
+
+
 @dataclass(frozen=True)
 class Renderer:
     """Renders task fields into token ids for one tokenizer and budget."""
@@ -88,11 +97,7 @@ class Renderer:
     head_fraction: float
 
     def __post_init__(self) -> None:
-        if len(self.shares) != len(self.field_names):
-            raise HybridstackError(
-                f"finetune.segment_budget has {len(self.shares)} shares but the task has "
-                f"{len(self.field_names)} segments ({', '.join(self.field_names)}); give one share each"
-            )
+        check_shares(self.shares, self.field_names)
         if self.sep_id is None:
             raise HybridstackError(
                 "finetune.model: the tokenizer has no sep/eos token to join segments with; "
@@ -191,11 +196,7 @@ class TurnRenderer:
     head_fraction: float
 
     def __post_init__(self) -> None:
-        if len(self.shares) != len(self.field_names):
-            raise HybridstackError(
-                f"finetune.segment_budget has {len(self.shares)} shares but the task has "
-                f"{len(self.field_names)} segments ({', '.join(self.field_names)}); give one share each"
-            )
+        check_shares(self.shares, self.field_names)
         if self.tokenizer.pad_token_id is None:
             raise HybridstackError("finetune.model: the decoder tokenizer has no pad token "
                                    "(hybridstack.finetune.lora.prepare_tokenizer sets one)")
