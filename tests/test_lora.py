@@ -429,12 +429,14 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(make_con
     # 2 processes x 8 rows = 1 process x 8 rows x 2 accumulation steps: the same rows per update
     section = lora_section(tiny_llama, epochs=2, batch_size=8, warmup_ratio=0.0,
                            max_train_rows=80)  # 160 rows with their swaps: 20 whole batches
-    one_cfg, _ = make_config("pairwise", n_train=120, n_test=21, experiment="one",
+    one_cfg, _ = make_config("pairwise", n_train=140, n_test=21, experiment="one",
                              finetune={**section, "grad_accum": 2})
     _, one_oof, one_test = run_stage(one_cfg)
-    folds = np.load(ExperimentDir(one_cfg.run_dir).folds_path)
-    assert (folds != 0).sum() >= 80
-    two_cfg, two_path = make_config("pairwise", n_train=120, n_test=21, experiment="two",
+    from hybridstack.experiment import open_experiment
+
+    # fold 0's rows left to train on after the early-stopping split: subsampled to exactly 80
+    assert len(open_experiment(one_cfg).stopping_rows(0)[0]) >= 80
+    two_cfg, two_path = make_config("pairwise", n_train=140, n_test=21, experiment="two",
                                     finetune=section)
     done = subprocess.run([sys.executable, "-m", "hybridstack", "run", "finetune", "-c",
                            str(two_path), "--num-processes", "2", "--cpu"],

@@ -149,6 +149,7 @@ def test_a_model_covering_fold_0_only_does_not_reduce_the_full_coverage_rows(sta
     assert len(level2["per_fold"]) == cfg.cv.n_splits
     # the fallback to level 1 is compared on level 2's rows: both candidates there
     assert {"single:level1", "single:fold0", "weighted"} <= set(level2["candidates"])
+    assert "logreg" not in level2["candidates"]  # few parameters on few rows: no meta-model
 
 
 def test_single_base_model_falls_back_to_it(stacked):

@@ -204,11 +204,11 @@ def split_rows(exp: Experiment, rows: np.ndarray, n_splits: int) -> np.ndarray:
                       groups)
 
 
-def candidate_stackers(cfg: Config, n_models: int) -> dict[str, Any]:
-    """Every pass-through single model, plus each configured stacker when there are >= 2 models."""
+def candidate_stackers(cfg: Config, n_models: int, methods: list[str] | None = None) -> dict[str, Any]:
+    """Each configured stacker (or ``methods``) when there are >= 2 models."""
     candidates: dict[str, Any] = {}
     if n_models >= 2:
-        for method in cfg.stack.methods:
+        for method in cfg.stack.methods if methods is None else methods:
             candidates[method] = make_stacker(method, temperature=cfg.stack.temperature,
                                               inner_folds=cfg.stack.inner_folds,
                                               random_state=cfg.cv.seed)
@@ -236,11 +236,14 @@ class Level:
 
 
 def fit_level(exp: Experiment, names: list[str], X: StackInput, X_test: StackInput | None,
-              rows: np.ndarray, label: str) -> Level:
-    """Score every candidate on ``rows``, choose one, score the choice honestly, refit it."""
+              rows: np.ndarray, label: str, methods: list[str] | None = None) -> Level:
+    """Score every candidate on ``rows``, choose one, score the choice honestly, refit it.
+
+    Candidates: every single model passed through, and the stackers of ``methods``
+    (default ``stack.methods``)."""
     fold_id, fold_source = stacking_folds(exp, rows)
     stackers = {f"{SINGLE_PREFIX}{n}": SelectModel(index=i) for i, n in enumerate(names)}
-    stackers.update(candidate_stackers(exp.cfg, len(names)))
+    stackers.update(candidate_stackers(exp.cfg, len(names), methods))
     results = {}
     for name, stacker in stackers.items():
         results[name] = nested_oof(stacker, X, exp.train.Y, fold_id, exp.task.score)
@@ -290,7 +293,8 @@ def stack_levels(exp: Experiment, bases: list[BaseModel]) -> tuple[Level, Level 
             f"stack: no train row is predicted by every chosen base model ({', '.join(b.name for b in partial)} "
             "share no validated row); choose models that share validated folds with stack.models")
     names2 = [LEVEL1] + [b.name for b in partial]
-    level2 = fit_level(exp, names2, X2, X2_test, rows2, "level 2")
+    # few parameters on few rows: a weight per model and a temperature, no meta-model
+    level2 = fit_level(exp, names2, X2, X2_test, rows2, "level 2", methods=["weighted"])
     return level1, level2
 
 
