@@ -156,15 +156,19 @@ class Renderer:
         -------
         (ids, swapped_ids): lists of n token-id lists; ``swapped_ids`` is None without ``swap``.
         """
-        rows = self.tokenize(fields)
-        ids = [self.assemble(segments) for segments in rows]
-        if swap is None:
-            return ids, None
-        a, b = (self.field_names.index(f) for f in swap)
-        order = list(range(len(self.field_names)))
-        order[a], order[b] = order[b], order[a]
-        swapped = [self.assemble([segments[j] for j in order]) for segments in rows]
-        return ids, swapped
+        return assemble_views(self.assemble, self.tokenize(fields), self.field_names, swap)
+
+
+def assemble_views(assemble, rows: list, field_names: Sequence[str],
+                   swap: tuple[str, str] | None) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Every row's ids, and its swapped view's (the ``swap`` segments exchanged) if asked."""
+    ids = [assemble(segments) for segments in rows]
+    if swap is None:
+        return ids, None
+    a, b = (list(field_names).index(f) for f in swap)
+    order = list(range(len(field_names)))
+    order[a], order[b] = order[b], order[a]
+    return ids, [assemble([segments[j] for j in order]) for segments in rows]
 
 
 # Decoder backbones: each segment's turns come after a marker, turn by turn, and the row
@@ -260,15 +264,7 @@ class TurnRenderer:
     def render(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
                turns: dict | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
         """Like :meth:`Renderer.render`; the swapped view exchanges the two segments' turns."""
-        rows = self.tokenize(fields, turns)
-        ids = [self.assemble(segments) for segments in rows]
-        if swap is None:
-            return ids, None
-        a, b = (self.field_names.index(f) for f in swap)
-        order = list(range(len(self.field_names)))
-        order[a], order[b] = order[b], order[a]
-        swapped = [self.assemble([segments[j] for j in order]) for segments in rows]
-        return ids, swapped
+        return assemble_views(self.assemble, self.tokenize(fields, turns), self.field_names, swap)
 
 
 def make_renderer(tokenizer, field_names: list[str], shares: tuple[float, ...], max_length: int,
