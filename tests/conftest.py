@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import tomli_w
 
@@ -87,3 +88,20 @@ def killed_after_first_epoch(monkeypatch):
         monkeypatch.undo()
 
     return run_and_kill
+
+
+@pytest.fixture
+def append_swapped_test_rows():
+    """``append_swapped_test_rows(cfg)``: a pairwise experiment's test and sample files gain
+    each test row again with responses A and B exchanged (ids + 100000), for swap-TTA checks."""
+
+    def append(cfg) -> None:
+        test = pd.read_csv(cfg.data.test)
+        twin = test.rename(columns={"response_a": "response_b", "response_b": "response_a"})
+        twin["id"] = twin["id"] + 100_000
+        pd.concat([test, twin[test.columns]]).to_csv(cfg.data.test, index=False)
+        sample = pd.read_csv(cfg.data.sample_submission)
+        pd.concat([sample, sample.assign(id=sample["id"] + 100_000)]).to_csv(
+            cfg.data.sample_submission, index=False)
+
+    return append

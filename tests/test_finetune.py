@@ -172,27 +172,15 @@ def test_learns_single_text_tasks_above_chance(make_config, tiny_model, kind):
         assert score < _prior_log_loss(target) - 0.1
 
 
-def test_pairwise_swap_averaging_is_symmetric(make_config, tiny_model):
+def test_pairwise_swap_averaging_is_symmetric(make_config, tiny_model, append_swapped_test_rows):
     cfg, _ = make_config("pairwise", n_train=90, n_test=10,
                          finetune=finetune_section(tiny_model, epochs=1, max_length=96))
-    _append_swapped_test_rows(cfg)
+    append_swapped_test_rows(cfg)
     _, oof, test = run_stage(cfg)
     np.testing.assert_allclose(test.sum(axis=1), 1.0, atol=1e-5)
     # a row and its A/B-swapped twin get the same probabilities with winner A/B exchanged
     np.testing.assert_allclose(test[10:], test[:10][:, [1, 0, 2]], atol=1e-6)
     assert not np.array_equal(test[:, 0], test[:, 1])  # not trivially symmetric: A != B
-
-
-def _append_swapped_test_rows(cfg) -> None:
-    import pandas as pd
-
-    test = pd.read_csv(cfg.data.test)
-    twin = test.rename(columns={"response_a": "response_b", "response_b": "response_a"})
-    twin["id"] = twin["id"] + 100_000
-    pd.concat([test, twin[test.columns]]).to_csv(cfg.data.test, index=False)
-    sample = pd.read_csv(cfg.data.sample_submission)
-    extra = sample.assign(id=sample["id"] + 100_000)
-    pd.concat([sample, extra]).to_csv(cfg.data.sample_submission, index=False)
 
 
 def _train_target(cfg) -> np.ndarray:

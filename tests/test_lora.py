@@ -199,25 +199,13 @@ def test_lora_learns_a_multiclass_task_above_chance(make_config, request, family
     assert settings["backbone"] == "decoder" and settings["method"] == "lora"
 
 
-def test_pairwise_swap_tta_is_exactly_symmetric(make_config, tiny_llama):
+def test_pairwise_swap_tta_is_exactly_symmetric(make_config, tiny_llama, append_swapped_test_rows):
     cfg, _ = make_config("pairwise", n_train=60, n_test=8,
                          finetune=lora_section(tiny_llama, epochs=1, eval_batch_size=1))
-    _append_swapped_test_rows(cfg)
+    append_swapped_test_rows(cfg)
     _, _, test = run_stage(cfg)
     np.testing.assert_array_equal(test[8:], test[:8][:, [1, 0, 2]])
     assert not np.array_equal(test[:, 0], test[:, 1])
-
-
-def _append_swapped_test_rows(cfg) -> None:
-    import pandas as pd
-
-    test = pd.read_csv(cfg.data.test)
-    twin = test.rename(columns={"response_a": "response_b", "response_b": "response_a"})
-    twin["id"] = twin["id"] + 100_000
-    pd.concat([test, twin[test.columns]]).to_csv(cfg.data.test, index=False)
-    sample = pd.read_csv(cfg.data.sample_submission)
-    pd.concat([sample, sample.assign(id=sample["id"] + 100_000)]).to_csv(
-        cfg.data.sample_submission, index=False)
 
 
 def test_resume_after_a_kill_is_bit_identical(make_config, tiny_llama, killed_after_first_epoch):
