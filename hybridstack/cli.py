@@ -25,6 +25,7 @@ from hybridstack.commands import (
     ui,
 )
 from hybridstack.console import run_guarded, setup_logging
+from hybridstack.progress import set_quiet
 
 # In the order `hybridstack --help` lists them.
 COMMANDS = (run, init, demo, sweep, compare, score, report, audit, cache, predict, serve, ui)
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Staged hybrid text classification: tfidf -> embed -> finetune -> stack.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or log lines: results, warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        set_quiet(True)
     setup_logging(args.verbose)
     code = run_guarded(lambda: args.func(args))
     if argv is None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from hybridstack.errors import HybridstackError, one_line
+from hybridstack.progress import is_quiet
 
 EXIT_USER_ERROR = 2
 _NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers",
@@ -14,8 +16,11 @@ _NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "sentence_transformers", "tran
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """INFO lines (DEBUG with ``verbose``; warnings only under ``hybridstack --quiet``, which
+    reaches the processes it starts through the environment)."""
+    level = logging.DEBUG if verbose else logging.WARNING if is_quiet() else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
@@ -25,6 +30,18 @@ def setup_logging(verbose: bool = False) -> None:
     # bitsandbytes (the llm extra) warns on import, which accelerate does, that a CPU kernel
     # package is missing: true on every CPU machine and irrelevant (4-bit needs CUDA anyway)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if is_quiet() or not sys.stderr.isatty():
+        quiet_library_bars()
+
+
+def quiet_library_bars() -> None:
+    """No Hugging Face bars (weights loading, downloads) in a log file or under --quiet: in a
+    committed notebook each would leave one line per update. Read at import, so set early."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def run_guarded(action: Callable[[], object]) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybridstack"
 CORE = {"config", "tasks", "text", "folds", "experiment", "runs", "tables", "models", "versions",
-        "errors", "synthetic", "recipes", "console"}
+        "errors", "synthetic", "recipes", "console", "progress"}
 # layer of each top-level part; a module may import its own layer and the ones below
 LAYERS = {**dict.fromkeys(CORE, 0), "features": 1, "heads": 2, "ensembles": 2, "finetune": 2,
           "predict": 3, "stages": 3, "pipeline": 4, "commands": 5, "live": 5, "cli": 6, "__main__": 6,

@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from hybridstack.heads.per_label import fit_per_label, predict_per_label
+from hybridstack.progress import progress
 
 
 class LightGBMHead(BaseEstimator):
@@ -63,14 +64,17 @@ class LightGBMHead(BaseEstimator):
                X_val: np.ndarray | None, y_val: np.ndarray | None) -> lgb.Booster:
         # contiguous labels: a strided column of Y makes LightGBM copy (and warn)
         train_set = lgb.Dataset(X, label=np.ascontiguousarray(y), free_raw_data=True)
-        if X_val is None:
-            return lgb.train(self._params(objective), train_set, num_boost_round=self.n_estimators)
-        valid_set = lgb.Dataset(X_val, label=np.ascontiguousarray(y_val), reference=train_set)
-        return lgb.train(
-            self._params(objective), train_set, num_boost_round=self.n_estimators,
-            valid_sets=[valid_set], valid_names=["valid"],
-            callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
-        )
+        with progress(total=self.n_estimators, desc="lightgbm", unit="rounds") as bar:
+            callbacks = [lambda env: bar.update()]
+            if X_val is None:
+                return lgb.train(self._params(objective), train_set,
+                                 num_boost_round=self.n_estimators, callbacks=callbacks)
+            valid_set = lgb.Dataset(X_val, label=np.ascontiguousarray(y_val), reference=train_set)
+            return lgb.train(
+                self._params(objective), train_set, num_boost_round=self.n_estimators,
+                valid_sets=[valid_set], valid_names=["valid"],
+                callbacks=[*callbacks, lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
+            )
 
     def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray | None = None,
             Y_val: np.ndarray | None = None) -> LightGBMHead:

@@ -11,6 +11,8 @@ from sklearn.base import BaseEstimator
 from torch import nn
 from torch.nn import functional as F
 
+from hybridstack.progress import progress
+
 _STD_FLOOR = 1e-6  # constant columns are centred, not blown up
 _PREDICT_BATCH = 8192
 
@@ -91,16 +93,18 @@ class TorchMLPHead(BaseEstimator):
         optimizer = torch.optim.AdamW(self.model_.parameters(), lr=self.lr,
                                       weight_decay=self.weight_decay)
         best_loss, best_state, best_epoch = float("inf"), None, 0
-        for epoch in range(1, self.max_epochs + 1):
-            self._train_epoch(inputs, target, optimizer, shuffler)
-            if val is None:
-                continue
-            loss = self._eval_loss(*val)
-            if loss < best_loss:
-                best_loss, best_epoch = loss, epoch
-                best_state = copy.deepcopy(self.model_.state_dict())
-            elif epoch - best_epoch >= self.patience:
-                break
+        with progress(total=self.max_epochs, desc="mlp", unit="epochs") as bar:
+            for epoch in range(1, self.max_epochs + 1):
+                self._train_epoch(inputs, target, optimizer, shuffler)
+                bar.update()
+                if val is None:
+                    continue
+                loss = self._eval_loss(*val)
+                if loss < best_loss:
+                    best_loss, best_epoch = loss, epoch
+                    best_state = copy.deepcopy(self.model_.state_dict())
+                elif epoch - best_epoch >= self.patience:
+                    break
         if best_state is not None:
             self.model_.load_state_dict(best_state)
         self.model_.eval()

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from hybridstack.errors import HybridstackError
+from hybridstack.progress import progress
 from hybridstack.runs import atomic_path, write_text
 from hybridstack.tables import iter_table, read_table
 from hybridstack.tasks import Task
@@ -111,7 +111,7 @@ def predict_file(predictor: Predictor, input_path: Path, output_path: Path | Non
         if output_path is not None:
             tmp = stack.enter_context(atomic_path(output_path))
             out = stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
-        bar = stack.enter_context(tqdm(desc="predict", unit="rows"))
+        bar = stack.enter_context(progress(desc="predict", unit="rows"))
         for chunk in read_chunks(input_path, chunk_rows):
             ds = predictor.parse(chunk, source=input_path.name, first_row=result.rows)
             frame = predictor.predict_frame(ds)
