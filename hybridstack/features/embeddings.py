@@ -37,6 +37,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hybridstack.errors import HybridstackError
+from hybridstack.features.multi_encode import (
+    encode_devices,
+    encode_on_pool,
+    encoding_pool,
+    is_multi_process,
+)
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
 from hybridstack.runs import read_json, write_bytes, write_json
 from hybridstack.tables import file_sha256
@@ -223,7 +229,14 @@ class EmbeddingCache:
     batch_size : int
         Encoder batch size (not part of the key).
     device : str or None
-        Torch device for encoding; None lets sentence-transformers choose.
+        Torch device for encoding in this process; None lets sentence-transformers choose
+        (and lets two or more visible GPUs be used, one worker process each).
+    devices : str, sequence of str or None
+        Devices to spread encoding over, one worker process each (``["cuda:0", "cuda:1"]``,
+        ``"cpu,cpu"``). None: the environment variable ``HYBRIDSTACK_ENCODE_DEVICES``
+        (same format), else every visible GPU when there are two or more and ``device`` is
+        None, else one process. See :mod:`hybridstack.features.multi_encode`. Not part of
+        the key: every device writes the same vectors (to float rounding).
     shard_rows : int
         Texts encoded and written per shard.
     read_only_roots : sequence of Path
@@ -247,6 +260,7 @@ class EmbeddingCache:
         dtype: Literal["float32", "float16"] = "float16",
         batch_size: int = 64,
         device: str | None = None,
+        devices: str | Sequence[str] | None = None,
         shard_rows: int = DEFAULT_SHARD_ROWS,
         read_only_roots: Sequence[str | Path] = (),
     ) -> None:
@@ -262,6 +276,7 @@ class EmbeddingCache:
         self.dtype = dtype
         self.batch_size = batch_size
         self.device = device
+        self.devices = devices
         self.shard_rows = shard_rows
         self.read_only_roots = [Path(r) for r in read_only_roots if Path(r) != self.cache_root]
         self.last_stats: dict[str, Any] = {}
@@ -364,21 +379,28 @@ class EmbeddingCache:
 
     def _encode_missing(self, texts: list[str], hashes: list[str],
                         show_progress: bool) -> dict[str, tuple[str, int]]:
-        """Encode ``texts`` shard by shard; return where each hash now lives."""
-        model = self._encoder()
+        """Encode ``texts`` shard by shard; return where each hash now lives.
+
+        With several devices (see :class:`EmbeddingCache`, ``devices``) one pool of worker
+        processes encodes every shard; this process still writes the shards, so they are
+        committed atomically as in the single-process path.
+        """
+        devices = encode_devices(self.devices, self.device)
+        multi = is_multi_process(devices)
+        single_device = None if multi or devices is None else devices[0]
+        # A pool's workers each copy the model from the CPU: load it there, not on cuda:0
+        model = self._encoder(load_on="cpu" if multi else single_device)
         self._write_manifest(_embedding_dim(model))
         # Longest first across all shards (as encode() does inside one call), so chunking
         # does not mix short and long texts in a batch and waste padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         location: dict[str, tuple[str, int]] = {}
-        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show_progress) as bar:
+        with (tqdm(total=len(texts), desc="encoding", unit="text", disable=not show_progress) as bar,
+              encoding_pool(model, devices) as pool):
             for lo in range(0, len(order), self.shard_rows):
                 chunk = order[lo:lo + self.shard_rows]
-                vectors = model.encode(
-                    [self.prefix + texts[i] for i in chunk], batch_size=self.batch_size,
-                    convert_to_numpy=True, normalize_embeddings=self.normalize,
-                    show_progress_bar=False,
-                )
+                vectors = self._encode_chunk(model, [self.prefix + texts[i] for i in chunk],
+                                             pool, single_device)
                 shard = write_shard(self.shard_dir, self._to_storage(vectors),
                                     [hashes[i] for i in chunk])
                 self._add_shard(shard)
@@ -386,6 +408,17 @@ class EmbeddingCache:
                 location.update((h, (shard.record_path.name, row)) for row, h in enumerate(shard.hashes))
                 bar.update(len(chunk))
         return location
+
+    def _encode_chunk(self, model: SentenceTransformer, texts: list[str], pool: Any,
+                      device: str | None) -> np.ndarray:
+        """One shard's vectors: through the worker pool, or here (on ``device`` when given)."""
+        if pool is not None:
+            return encode_on_pool(model, pool, texts, batch_size=self.batch_size,
+                                  normalize=self.normalize)
+        placement = {"device": device} if device else {}  # None: wherever the model was loaded
+        return model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                            normalize_embeddings=self.normalize, show_progress_bar=False,
+                            **placement)
 
     def _to_storage(self, vectors: np.ndarray) -> np.ndarray:
         stored = np.ascontiguousarray(vectors, dtype=self.dtype)
@@ -396,10 +429,13 @@ class EmbeddingCache:
             )
         return stored
 
-    def _encoder(self) -> SentenceTransformer:
-        """The SentenceTransformer, loaded on first use (a warm cache never loads it)."""
+    def _encoder(self, load_on: str | None = None) -> SentenceTransformer:
+        """The SentenceTransformer, loaded on first use (a warm cache never loads it).
+
+        ``load_on`` overrides ``self.device`` for that first load only.
+        """
         if self._model is None:
-            self._model = _load_model(self.model_path, self.device)
+            self._model = _load_model(self.model_path, load_on or self.device)
         # Set on every use: the object may be shared with a cache of another max length.
         self._model.max_seq_length = self.max_seq_length
         return self._model
