@@ -3,8 +3,11 @@
 The vectorizer is fitted once on train+test text (unsupervised, so no label leak) and
 the matrices are cached by the caller, so LR heads with other settings reuse them.
 For pairwise tasks every field (prompt, A, B) goes through the same vectorizer and
-the row features are ``[prompt, A, B, A - B]``; the swapped view is
-``[prompt, B, A, B - A]``.
+the row features are ``[prompt, A, B, A - B]``; the swapped view ``[prompt, B, A, B - A]``
+is that matrix with its columns permuted and the difference negated
+(:class:`~hybridstack.features.pair_columns.PairColumns`), so only ``X`` is built and cached;
+of the swapped view only the few scaled shape-feature columns are kept (scaled per column,
+they are no permutation of ``X``'s).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sklearn.pipeline import FeatureUnion
 from hybridstack.config import TfidfConfig
 from hybridstack.experiment import Experiment
 from hybridstack.features.lengths import log_counts
+from hybridstack.features.pair_columns import PairColumns
 from hybridstack.runs import write_joblib
 
 log = logging.getLogger(__name__)
@@ -47,10 +51,15 @@ def make_vectorizer(cfg: TfidfConfig) -> FeatureUnion:
 class TfidfFeatures:
     X: sp.csr_matrix  # (n_train, d)
     X_test: sp.csr_matrix | None
-    X_swap: sp.csr_matrix | None = None  # pairwise only
+    # caches written before ``columns`` hold the swapped matrices themselves (pairwise only)
+    X_swap: sp.csr_matrix | None = None
     X_test_swap: sp.csr_matrix | None = None
     vectorizer: FeatureUnion | None = None  # kept so predict can transform new text
     shape_scale: np.ndarray | None = None  # tfidf.shape_features: each column's train max |x|
+    # pairwise: the swapped view is X's n-gram columns permuted by ``columns`` + ``shape_swap``
+    columns: PairColumns | None = None
+    shape_swap: sp.csr_matrix | None = None  # tfidf.shape_features: swapped view's shape block
+    shape_test_swap: sp.csr_matrix | None = None
 
 
 def build_tfidf(
@@ -69,12 +78,11 @@ def build_tfidf(
     if cfg.shape_features:  # max-abs scaled like the TF-IDF values, from the train rows only
         raw = shape_block(train_fields, swap_fields)
         scale = np.maximum(np.abs(raw).max(axis=0), 1e-6).astype(np.float32)
-    X, X_swap = transform_rows(vectorizer, train_fields, swap_fields, scale)
-    X_test, X_test_swap = (
-        transform_rows(vectorizer, test_fields, swap_fields, scale)
-        if test_fields is not None else (None, None)
-    )
-    return TfidfFeatures(X, X_test, X_swap, X_test_swap, vectorizer, scale)
+    X, columns, shape_swap = featurize_rows(vectorizer, train_fields, swap_fields, scale)
+    X_test, _, shape_test_swap = (featurize_rows(vectorizer, test_fields, swap_fields, scale)
+                                  if test_fields is not None else (None, None, None))
+    return TfidfFeatures(X, X_test, vectorizer=vectorizer, shape_scale=scale, columns=columns,
+                         shape_swap=shape_swap, shape_test_swap=shape_test_swap)
 
 
 class TfidfFeaturizer:
@@ -99,21 +107,40 @@ def transform_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
                    ) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
     """Features (and the swapped view, pairwise) of new rows with a fitted vectorizer; with
     ``shape_scale``, the scaled response-shape block (:func:`shape_block`) appended."""
+    X, columns, shape_swap = featurize_rows(vectorizer, fields, swap_fields, shape_scale)
+    return X, (columns.swap(X, shape_swap) if columns is not None else None)
+
+
+def featurize_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
+                   swap_fields: tuple[str, str] | None, shape_scale: np.ndarray | None = None
+                   ) -> tuple[sp.csr_matrix, PairColumns | None, sp.csr_matrix | None]:
+    """The rows' features, and pairwise the layout of their n-gram columns and (with
+    ``shape_scale``) the swapped view's scaled shape block: together, the swapped view."""
     names = list(fields)
     mats = {name: vectorizer.transform(fields[name]).tocsr() for name in names}
     if swap_fields is None:
-        X, X_swap = mats[names[0]], None
+        X, columns = mats[names[0]], None
     else:
-        a, b = swap_fields
-        X, X_swap = _pair(mats, names, a, b), _pair(mats, names, b, a)
+        X = _pair(mats, names, *swap_fields)
+        columns = PairColumns((_pair_group(len(names), mats[names[0]].shape[1]),))
     if shape_scale is None:
-        return X, X_swap
-    shapes = [shape_block(fields, swap_fields)]
-    if swap_fields is not None:
-        shapes.append(shape_block(fields, swap_fields[::-1]))
-    blocks = [sp.hstack([m, sp.csr_matrix(block / shape_scale)], format="csr", dtype=np.float32)
-              for m, block in zip([X, X_swap], shapes)]
-    return blocks[0], (blocks[1] if swap_fields is not None else None)
+        return X, columns, None
+    shapes = shape_block(fields, swap_fields)
+    X = sp.hstack([X, _scaled(shapes, shape_scale)], format="csr", dtype=np.float32)
+    if swap_fields is None:
+        return X, None, None
+    # the raw counts swap by a permutation; the scale is per column, so it is applied after
+    shape_columns = PairColumns((_pair_group(len(names), shapes.shape[1] // (len(names) + 1)),))
+    return X, columns, _scaled(shape_columns.swap_dense(shapes), shape_scale)
+
+
+def _scaled(shapes: np.ndarray, shape_scale: np.ndarray) -> sp.csr_matrix:
+    return sp.csr_matrix(shapes / shape_scale)
+
+
+def _pair_group(n_fields: int, width: int) -> tuple[int, int]:
+    """The (others, one field) widths of a pair group of ``n_fields`` fields ``width`` wide."""
+    return (n_fields - 2) * width, width
 
 
 def shape_block(fields: dict[str, list[str]], swap_fields: tuple[str, str] | None) -> np.ndarray:

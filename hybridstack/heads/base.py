@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import clone
 
+from hybridstack.features.pair_columns import PairColumns
 from hybridstack.folds import fold_rows
 from hybridstack.runs import write_joblib, write_with
 from hybridstack.tasks import average_with_swapped, swapped_targets
@@ -40,13 +41,32 @@ class SwapView:
     ``permutation`` maps label columns of the swapped view back to the original
     (pairwise: [1, 0, 2] swaps winner_a and winner_b). Used for augmentation
     (train on both views) and test-time averaging (average both views' predictions).
+
+    Either ``X`` / ``X_test`` are the swapped matrices themselves, or ``columns`` (a
+    :class:`~hybridstack.features.pair_columns.PairColumns`) derives the swapped rows from
+    :func:`fit_oof`'s own ``X`` / ``X_test`` when they are needed, so no swapped copy of the
+    whole matrix is held; ``X`` / ``X_test`` then hold only the swapped view's columns past
+    the layout (its ``tail``), or None.
     """
 
-    X: Any  # (n_train, d) swapped train features
+    X: Any  # (n_train, d) swapped train features, or with ``columns`` the tail's columns
     X_test: Any | None
     permutation: list[int]
     augment: bool = True
     tta: bool = True
+    columns: PairColumns | None = None
+
+    def train_rows(self, X_rows: Any, rows: np.ndarray) -> Any:
+        """The swapped view of train rows ``rows``, whose features are ``X_rows``."""
+        if self.columns is None:
+            return _rows(self.X, rows)
+        return self.columns.swap(X_rows, None if self.X is None else _rows(self.X, rows))
+
+    def test_view(self, X_test: Any) -> Any:
+        """The swapped view of the test matrix ``X_test``."""
+        if self.columns is None:
+            return self.X_test
+        return self.columns.swap(X_test, self.X_test)
 
 
 @dataclass
@@ -204,20 +224,23 @@ def fit_oof(
                 fit_rows, stop_rows = stopping_rows(k)
             X_fit, Y_fit = _rows(X, fit_rows), Y[fit_rows]
             if swap is not None and swap.augment:
-                X_fit = _stack(X_fit, _rows(swap.X, fit_rows))
+                X_fit = _stack(X_fit, swap.train_rows(X_fit, fit_rows))
                 Y_fit = np.concatenate([Y_fit, swapped_targets(Y_fit, swap.permutation)])
             model = clone(head)
             model.fit(X_fit, Y_fit, _rows(X, stop_rows), Y[stop_rows])
+            del X_fit  # the fold's (augmented) copy of its rows is not needed to predict
             use_tta = swap is not None and swap.tta
+            X_valid = _rows(X, valid_rows)
             valid_pred = predict_views(
-                model, _rows(X, valid_rows),
-                _rows(swap.X, valid_rows) if use_tta else None,
+                model, X_valid,
+                swap.train_rows(X_valid, valid_rows) if use_tta else None,
                 swap.permutation if use_tta else None,
             )
             test_pred = None
             if X_test is not None:
+                # derived per fold, not kept across folds: held only while predicting
                 test_pred = predict_views(
-                    model, X_test, swap.X_test if use_tta else None,
+                    model, X_test, swap.test_view(X_test) if use_tta else None,
                     swap.permutation if use_tta else None,
                 )
             info = {"seconds": round(time.perf_counter() - fold_start, 3),

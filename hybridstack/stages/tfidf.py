@@ -9,7 +9,7 @@ import logging
 from hybridstack.config import Config, LogRegModel, NBSVMModel
 from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
-from hybridstack.features.tfidf import TfidfFeaturizer, load_or_build_matrix
+from hybridstack.features.tfidf import TfidfFeatures, TfidfFeaturizer, load_or_build_matrix
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.logreg import LogRegHead
 from hybridstack.heads.nbsvm import NBSVMHead
@@ -70,6 +70,19 @@ def hash_before_layout(exp: Experiment, spec: LogRegModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16] + spec.name
 
 
+def swap_view(exp: Experiment, features: TfidfFeatures) -> SwapView | None:
+    """Pairwise: the A/B-swapped rows, derived from the matrix by its column layout; caches
+    written before that hold the swapped matrices themselves, and are used as they are."""
+    if exp.task.swap_permutation is None:
+        return None
+    settings = {"augment": exp.cfg.tfidf.swap_augment, "tta": exp.cfg.tfidf.swap_tta}
+    if features.X_swap is not None:
+        return SwapView(features.X_swap, features.X_test_swap, exp.task.swap_permutation,
+                        **settings)
+    return SwapView(features.shape_swap, features.shape_test_swap, exp.task.swap_permutation,
+                    columns=features.columns, **settings)
+
+
 def run(exp: Experiment | Config) -> None:
     exp = stage_experiment(exp, "tfidf")
     if exp is None:
@@ -85,10 +98,7 @@ def run(exp: Experiment | Config) -> None:
         if features is None:
             features = load_or_build_matrix(exp)
         head = make_head(spec, exp)
-        swap = None
-        if exp.task.swap_permutation is not None:
-            swap = SwapView(features.X_swap, features.X_test_swap, exp.task.swap_permutation,
-                            augment=cfg.tfidf.swap_augment, tta=cfg.tfidf.swap_tta)
+        swap = swap_view(exp, features)
         result = fit_oof(head, features.X, exp.train.Y, exp.folds, features.X_test,
                          score=exp.task.score, swap=swap, store=FoldStore(model.path, config_hash))
         # the featurizer travels with the model, so predict can featurise new text alone
