@@ -153,3 +153,27 @@ def test_stage_predictions_equal_those_of_an_old_cache_with_swapped_matrices(
     tfidf.run(cfg)
     np.testing.assert_array_equal(model.load_oof(), new_oof)
     np.testing.assert_array_equal(model.load_test(), new_test)
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "multiclass"])
+def test_one_pass_fit_transform_equals_fit_then_transform(kind):
+    """build_tfidf analyses each text once (fit_transform, then row slices); every split's
+    matrix is bit-identical to transforming it with the fitted vectorizer."""
+    from hybridstack.config import TfidfConfig
+    from hybridstack.features.tfidf import build_tfidf, featurize_rows
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "answer", "code", "```", "- item", "# head", "x", "yes"]
+    fields = (["prompt", "response_a", "response_b"] if kind == "pairwise" else ["text"])
+
+    def split(n):
+        return {f: [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(n)]
+                for f in fields}
+
+    train, test = split(40), split(15)
+    swap = ("response_a", "response_b") if kind == "pairwise" else None
+    cfg = TfidfConfig(max_word_features=50, max_char_features=120, min_df=1, shape_features=True)
+    features = build_tfidf(cfg, train, test, swap)
+    for split_fields, X in ((train, features.X), (test, features.X_test)):
+        expected, _, _ = featurize_rows(features.vectorizer, split_fields, swap, features.shape_scale)
+        assert_same_csr(X, expected)

@@ -29,6 +29,7 @@ from hybridstack.config import TfidfConfig
 from hybridstack.experiment import Experiment
 from hybridstack.features.lengths import log_counts
 from hybridstack.features.pair_columns import PairColumns
+from hybridstack.progress import Timer
 from hybridstack.runs import write_joblib
 
 log = logging.getLogger(__name__)
@@ -70,17 +71,31 @@ def build_tfidf(
 ) -> TfidfFeatures:
     """Fit the vectorizer on every field of train+test and transform each split."""
     names = list(train_fields)
-    corpus = [t for name in names for t in train_fields[name]]
-    if test_fields is not None:
-        corpus += [t for name in names for t in test_fields[name]]
-    vectorizer = make_vectorizer(cfg).fit(corpus)
+    splits = [train_fields] + ([test_fields] if test_fields is not None else [])
+    corpus = [t for fields in splits for name in names for t in fields[name]]
+    vectorizer = make_vectorizer(cfg)
+    # fit_transform, then slice: each text goes through the (pure Python) analyzers once, not
+    # once to fit and once more to transform
+    with Timer(f"tfidf: vocabulary and matrix of {len(corpus)} texts", log):
+        corpus_matrix = vectorizer.fit_transform(corpus).tocsr()
+        corpus_matrix.sort_indices()  # fit_transform leaves them in vocabulary-fit order
+    del corpus
+    mats, start = [], 0
+    for fields in splits:
+        mats.append({})
+        for name in names:
+            stop = start + len(fields[name])
+            mats[-1][name] = corpus_matrix[start:stop]
+            start = stop
+    del corpus_matrix
     scale = None
     if cfg.shape_features:  # max-abs scaled like the TF-IDF values, from the train rows only
         raw = shape_block(train_fields, swap_fields)
         scale = np.maximum(np.abs(raw).max(axis=0), 1e-6).astype(np.float32)
-    X, columns, shape_swap = featurize_rows(vectorizer, train_fields, swap_fields, scale)
-    X_test, _, shape_test_swap = (featurize_rows(vectorizer, test_fields, swap_fields, scale)
-                                  if test_fields is not None else (None, None, None))
+    X, columns, shape_swap = featurize_rows(vectorizer, train_fields, swap_fields, scale, mats[0])
+    X_test, _, shape_test_swap = (
+        featurize_rows(vectorizer, test_fields, swap_fields, scale, mats[1])
+        if test_fields is not None else (None, None, None))
     return TfidfFeatures(X, X_test, vectorizer=vectorizer, shape_scale=scale, columns=columns,
                          shape_swap=shape_swap, shape_test_swap=shape_test_swap)
 
@@ -112,12 +127,15 @@ def transform_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
 
 
 def featurize_rows(vectorizer: FeatureUnion, fields: dict[str, list[str]],
-                   swap_fields: tuple[str, str] | None, shape_scale: np.ndarray | None = None
+                   swap_fields: tuple[str, str] | None, shape_scale: np.ndarray | None = None,
+                   mats: dict[str, sp.csr_matrix] | None = None,
                    ) -> tuple[sp.csr_matrix, PairColumns | None, sp.csr_matrix | None]:
     """The rows' features, and pairwise the layout of their n-gram columns and (with
-    ``shape_scale``) the swapped view's scaled shape block: together, the swapped view."""
+    ``shape_scale``) the swapped view's scaled shape block: together, the swapped view.
+    ``mats``: each field's TF-IDF rows when already computed (else transformed here)."""
     names = list(fields)
-    mats = {name: vectorizer.transform(fields[name]).tocsr() for name in names}
+    if mats is None:
+        mats = {name: vectorizer.transform(fields[name]).tocsr() for name in names}
     if swap_fields is None:
         X, columns = mats[names[0]], None
     else:
