@@ -61,6 +61,19 @@ def test_jigsaw_layout_is_multilabel(tmp_path, no_reference_models):
     assert load_config(tmp_path / "cfg.toml").task.label_columns == JIGSAW_LABELS
 
 
+def test_tfidf_extras_follow_the_cv_measurements(tmp_path, no_reference_models, capsys):
+    """NB-SVM is added where it raised the stack's CV (Jigsaw-shaped multilabel), not elsewhere."""
+    write_competition(tmp_path / "jigsaw", "multilabel", 30, 10)
+    raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
+    assert raw["tfidf"]["nbsvm"] == [{"name": "tfidf_nbsvm"}]
+    assert "+ NB-SVM" in capsys.readouterr().out
+    assert [m.name for m in load_config(tmp_path / "cfg.toml").tfidf.nbsvm] == ["tfidf_nbsvm"]
+    for kind in ("multiclass", "pairwise"):
+        write_competition(tmp_path / kind, kind, 30, 10)
+        raw = _init(tmp_path, tmp_path / kind, "--no-gpu", output=f"{kind}.toml")
+        assert "nbsvm" not in raw["tfidf"]
+
+
 def test_generic_csv_is_multiclass(tmp_path, no_reference_models):
     write_competition(tmp_path / "news", "multiclass", 30, 10)
     raw = _init(tmp_path, tmp_path / "news", "--no-gpu")

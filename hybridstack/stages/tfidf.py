@@ -41,6 +41,7 @@ def model_settings(cfg: Config, spec: LogRegModel | NBSVMModel) -> dict:
                 "tfidf": tfidf_settings(cfg, {"models", "nbsvm"})}
     if isinstance(spec, NBSVMModel):
         settings["head"] = "NBSVMModel"  # logistic regressions keep the hash they had
+        settings["solver"] = "liblinear_dual"  # models fitted by the primal solver are refitted
     return settings
 
 
