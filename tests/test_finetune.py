@@ -105,8 +105,8 @@ def test_pairwise_rendering_respects_budgets_and_swaps(tiny_model):
     (ids,), (swapped,) = renderer.render(fields, swap=("response_a", "response_b"))
     sep, cls = tokenizer.sep_token_id, tokenizer.cls_token_id
     assert len(ids) == 40 and ids[0] == cls and ids.count(sep) == 3 and ids[-1] == sep
-    segments = renderer.tokenize(fields)[0]
-    prompt, resp_a, resp_b = segments
+    prompt, resp_a, resp_b = (tokenizer(fields[f][0], add_special_tokens=False)["input_ids"]
+                              for f in ("prompt", "response_a", "response_b"))
     # short prompt and response B keep every token; A gets the rest, head and tail
     kept_a = 40 - 4 - len(prompt) - len(resp_b)
     assert ids == [cls, *prompt, sep, *truncate_head_tail(resp_a, kept_a, 0.5), sep, *resp_b, sep]
@@ -302,6 +302,43 @@ def test_more_processes_than_devices_is_one_error_line(make_config):
     from hybridstack.cli import main
 
     assert main(["run", "finetune", "-c", str(path), "--num-processes", "100000", "--cpu"]) == 2
+
+
+def test_token_ids_are_written_once_reused_on_resume_and_removed_after_done(make_config,
+                                                                            tiny_model, monkeypatch):
+    cfg, _ = make_config("pairwise", n_train=60, n_test=10,
+                         finetune=finetune_section(tiny_model, epochs=1, swap_augment=True))
+    model_path = ExperimentDir(cfg.run_dir).model(stage.model_folder_name(cfg.finetune)).path
+    writes, seen = [], {}
+    real_write, real_train = stage.write_token_cache, stage.train_folds
+
+    def counting_write(folder, *args):
+        writes.append(folder)
+        real_write(folder, *args)
+
+    def session_timeout(exp, accelerator, model_dir, model, tokenizer, views, *args):
+        seen.update(views)
+        raise KeyboardInterrupt  # a Kaggle session cut off mid-training
+
+    monkeypatch.setattr(stage, "write_token_cache", counting_write)
+    monkeypatch.setattr(stage, "train_folds", session_timeout)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(cfg)
+    (folder,) = writes
+    assert folder.parent == model_path / stage.TOKENS_DIR
+    assert (folder / "train" / "ids.npy").is_file() and (folder / "test" / "ids.npy").is_file()
+    # every view is a memory-mapped slice; the swapped half follows the rows in the same file
+    assert isinstance(seen["train"].flat, np.memmap) and seen["train_swapped"].flat is seen["train"].flat
+    assert len(seen["train"]) == len(seen["train_swapped"]) == 60 and len(seen["test"]) == 10
+    expected = stage.encode_experiment(stage.stage_experiment(cfg, "finetune"),
+                                       load_tokenizer(tiny_model))
+    for name in ("train", "train_swapped", "test", "test_swapped"):
+        assert seen[name].to_lists() == expected[name].to_lists()
+
+    monkeypatch.setattr(stage, "train_folds", real_train)
+    stage.run(cfg)  # the resumed run reads the same files, then finishes the model
+    assert len(writes) == 1
+    assert (model_path / "DONE").is_file() and not (model_path / stage.TOKENS_DIR).exists()
 
 
 # -- multi-process (slow) -----------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from hybridstack.errors import HybridstackError
+from hybridstack.finetune.token_store import TokenStore, as_token_store
 
 # Texts are clipped to this many characters per budget token before tokenising, so a
 # 100k-character response costs no more than a short one; a token is rarely > 10 chars.
@@ -25,6 +26,9 @@ CHARS_PER_TOKEN_CAP = 10
 # Length grouping sorts rows inside "mega-batches" of this many batches: long enough to
 # group similar lengths, short enough that batch order stays random.
 MEGABATCH_BATCHES = 50
+# Distinct texts tokenised per tokenizer call: each chunk's Python lists become int32 arrays
+# before the next, so all rows' ids never exist as Python ints at once.
+ENCODE_CHUNK = 2048
 
 
 def allocate_budget(lengths: Sequence[int], shares: Sequence[float], total: int) -> list[int]:
@@ -67,6 +71,35 @@ def truncate_head_tail(ids: Sequence[int], budget: int, head_fraction: float) ->
     n_head = round(budget * head_fraction)
     n_tail = budget - n_head
     return ids[:n_head] + (ids[len(ids) - n_tail:] if n_tail else [])
+
+
+def truncate_head_tail_array(ids: np.ndarray, budget: int, head_fraction: float) -> np.ndarray:
+    """:func:`truncate_head_tail` of an int32 array (the same tokens kept, no Python ints)."""
+    if len(ids) <= budget:
+        return ids
+    n_head = round(budget * head_fraction)
+    n_tail = budget - n_head
+    return np.concatenate([ids[:n_head], ids[len(ids) - n_tail:]]) if n_tail else ids[:n_head]
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> tuple[TokenStore, np.ndarray]:
+    """Every distinct text tokenised once (no special tokens), in chunks.
+
+    LMSYS repeats prompts, so each is tokenised once. Returns the store of distinct texts'
+    ids and the (n,) int64 index of each text's row in it.
+    """
+    index_of: dict[str, int] = {}
+    codes = np.fromiter((index_of.setdefault(t, len(index_of)) for t in texts),
+                        dtype=np.int64, count=len(texts))
+    unique = list(index_of)
+    del index_of
+    arrays = []
+    for start in range(0, len(unique), ENCODE_CHUNK):
+        # verbose=False: the "longer than the maximum" warning does not apply, we cut later
+        encoded = tokenizer(unique[start:start + ENCODE_CHUNK], add_special_tokens=False,
+                            verbose=False)["input_ids"]
+        arrays += [np.asarray(e, dtype=np.int32) for e in encoded]
+    return TokenStore.from_arrays(arrays), codes
 
 
 def clip_chars(text: str, max_chars: int, head_fraction: float) -> str:
@@ -125,50 +158,65 @@ class Renderer:
         n_special = len(self.field_names) + (self.cls_id is not None)
         return self.max_length - n_special
 
-    def tokenize(self, fields: dict[str, list[str]]) -> list[list[list[int]]]:
-        """Token ids of every segment, ``[row][segment] -> ids`` (no special tokens)."""
+    def encode(self, fields: dict[str, list[str]], turns: dict | None = None
+               ) -> list[tuple[TokenStore, np.ndarray]]:
+        """Per field: the distinct (clipped) texts' ids and each row's index into them."""
         max_chars = self.content_budget * CHARS_PER_TOKEN_CAP
-        columns = []
-        for name in self.field_names:
-            texts = [clip_chars(t, max_chars, self.head_fraction) for t in fields[name]]
-            unique = list(dict.fromkeys(texts))  # LMSYS repeats prompts: tokenise each once
-            # verbose=False: the "longer than the maximum" warning does not apply, we cut below
-            encoded = self.tokenizer(unique, add_special_tokens=False, verbose=False)["input_ids"]
-            lookup = dict(zip(unique, encoded))
-            columns.append([lookup[t] for t in texts])
-        return [list(segments) for segments in zip(*columns)]
+        return [encode_texts(self.tokenizer, [clip_chars(t, max_chars, self.head_fraction)
+                                              for t in fields[name]])
+                for name in self.field_names]
 
-    def assemble(self, segments: Sequence[Sequence[int]]) -> list[int]:
+    def assemble(self, segments: Sequence[Sequence[int]]) -> np.ndarray:
         """``[CLS] seg_1 [SEP] ...`` with each segment held to its budget (head+tail)."""
         budgets = allocate_budget([len(s) for s in segments], self.shares, self.content_budget)
-        ids = [] if self.cls_id is None else [self.cls_id]
+        sep = np.array([self.sep_id], dtype=np.int32)
+        parts = [] if self.cls_id is None else [np.array([self.cls_id], dtype=np.int32)]
         for segment, budget in zip(segments, budgets):
-            ids += truncate_head_tail(segment, budget, self.head_fraction) + [self.sep_id]
-        return ids
+            parts += [truncate_head_tail_array(np.asarray(segment, dtype=np.int32), budget,
+                                               self.head_fraction), sep]
+        return np.concatenate(parts)
+
+    def row_segments(self, encoded: list[tuple[TokenStore, np.ndarray]], i: int) -> list:
+        """Row ``i``'s segments (int32 views into the encoded fields)."""
+        return [store[codes[i]] for store, codes in encoded]
+
+    def render_store(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
+                     turns: dict | None = None) -> TokenStore:
+        """Input ids of the n rows, then (``swap`` names two fields) of their n swapped views.
+
+        ``turns`` (a Dataset's) is for :class:`TurnRenderer`; segments here are whole fields.
+        """
+        return assemble_views(self, self.encode(fields, turns), swap)
 
     def render(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
                turns: dict | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
-        """Input ids of every row, and of its swapped view when ``swap`` names two fields.
-
-        ``turns`` (a Dataset's) is for :class:`TurnRenderer`; segments here are whole fields.
-
-        Returns
-        -------
-        (ids, swapped_ids): lists of n token-id lists; ``swapped_ids`` is None without ``swap``.
-        """
-        return assemble_views(self.assemble, self.tokenize(fields), self.field_names, swap)
+        """:meth:`render_store` as token-id lists (original, swapped or None): for small inputs."""
+        return store_as_lists(self.render_store(fields, swap, turns), swap is not None)
 
 
-def assemble_views(assemble, rows: list, field_names: Sequence[str],
-                   swap: tuple[str, str] | None) -> tuple[list[list[int]], list[list[int]] | None]:
-    """Every row's ids, and its swapped view's (the ``swap`` segments exchanged) if asked."""
-    ids = [assemble(segments) for segments in rows]
-    if swap is None:
-        return ids, None
-    a, b = (list(field_names).index(f) for f in swap)
-    order = list(range(len(field_names)))
-    order[a], order[b] = order[b], order[a]
-    return ids, [assemble([segments[j] for j in order]) for segments in rows]
+def assemble_views(renderer, encoded: list, swap: tuple[str, str] | None) -> TokenStore:
+    """Every row's ids (rows 0..n-1), then its swapped view's (n..2n-1) if ``swap`` is set.
+
+    Rows are assembled one at a time from the encoded fields, each straight into int32.
+    """
+    n = len(encoded[0][1])
+    orders = [list(range(len(renderer.field_names)))]
+    if swap is not None:
+        a, b = (list(renderer.field_names).index(f) for f in swap)
+        swapped = list(orders[0])
+        swapped[a], swapped[b] = swapped[b], swapped[a]
+        orders.append(swapped)
+    rows = []
+    for order in orders:
+        for i in range(n):
+            segments = renderer.row_segments(encoded, i)
+            rows.append(renderer.assemble([segments[j] for j in order]))
+    return TokenStore.from_arrays(rows)
+
+
+def store_as_lists(store: TokenStore, swapped: bool) -> tuple[list[list[int]], list[list[int]] | None]:
+    views = [view.to_lists() for view in split_views(store, swapped)]
+    return views[0], views[1] if swapped else None
 
 
 # Decoder backbones: each segment's turns come after a marker, turn by turn, and the row
@@ -219,22 +267,24 @@ class TurnRenderer:
         bos = self.tokenizer.bos_token_id
         return [] if bos is None else [bos]
 
-    def tokenize(self, fields: dict[str, list[str]],
-                 turns: dict | None = None) -> list[list[list[list[int]]]]:
-        """``[row][segment][turn] -> ids`` (no special tokens, no markers)."""
+    def encode(self, fields: dict[str, list[str]], turns: dict | None = None
+               ) -> list[tuple[TokenStore, list[np.ndarray]]]:
+        """Per field: the distinct (clipped) turns' ids and each row's turn indices into them."""
         max_chars = self.max_length * CHARS_PER_TOKEN_CAP
-        columns = []
+        encoded = []
         for name in self.field_names:
             field_turns = None if turns is None else turns.get(name)
             rows = [(t,) if field_turns is None or field_turns[i] is None else field_turns[i]
                     for i, t in enumerate(fields[name])]
-            unique = list(dict.fromkeys(clip_chars(t, max_chars, self.head_fraction)
-                                        for row in rows for t in row))
-            encoded = self.tokenizer(unique, add_special_tokens=False, verbose=False)["input_ids"]
-            lookup = dict(zip(unique, encoded))
-            columns.append([[lookup[clip_chars(t, max_chars, self.head_fraction)] for t in row]
-                            for row in rows])
-        return [list(segments) for segments in zip(*columns)]
+            flat = [clip_chars(t, max_chars, self.head_fraction) for row in rows for t in row]
+            store, codes = encode_texts(self.tokenizer, flat)
+            bounds = np.cumsum([0] + [len(row) for row in rows])
+            encoded.append((store, [codes[bounds[i]:bounds[i + 1]] for i in range(len(rows))]))
+        return encoded
+
+    def row_segments(self, encoded: list, i: int) -> list[list[np.ndarray]]:
+        """Row ``i``'s segments, each a list of its turns' int32 ids."""
+        return [[store[c] for c in codes[i]] for store, codes in encoded]
 
     def assemble(self, segments: Sequence[Sequence[Sequence[int]]]) -> list[int]:
         markers, prefix, end = self.markers, self.prefix, self._end
@@ -245,7 +295,8 @@ class TurnRenderer:
         keep = max(1, min(n_turns, int(room * MARKER_SHARE_CAP) // max(per_turn, 1)))
         kept = truncate_head_tail(list(range(n_turns)), keep, self.head_fraction)
         # each segment's kept turns (a segment with fewer turns than others is padded with [])
-        turns = [[list(s[t]) if t < len(s) else [] for t in kept] for s in segments]
+        turns = [[np.asarray(s[t]).tolist() if t < len(s) else [] for t in kept]
+                 for s in segments]
         budget = max(0, room - per_turn * len(kept))
         seg_budget = allocate_budget([sum(map(len, ts)) for ts in turns], self.shares, budget)
         for j, ts in enumerate(turns):
@@ -255,16 +306,21 @@ class TurnRenderer:
         for i in range(len(kept)):
             for j in range(len(segments)):
                 ids += markers[j] + turns[j][i]
-        return ids + end
+        return np.array(ids + end, dtype=np.int32)
 
     @cached_property
     def _end(self) -> list[int]:
         return self._ids(END_MARKER)
 
+    def render_store(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
+                     turns: dict | None = None) -> TokenStore:
+        """Like :meth:`Renderer.render_store`; the swapped view exchanges the two segments' turns."""
+        return assemble_views(self, self.encode(fields, turns), swap)
+
     def render(self, fields: dict[str, list[str]], swap: tuple[str, str] | None = None,
                turns: dict | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
-        """Like :meth:`Renderer.render`; the swapped view exchanges the two segments' turns."""
-        return assemble_views(self.assemble, self.tokenize(fields, turns), self.field_names, swap)
+        """:meth:`render_store` as token-id lists (original, swapped or None): for small inputs."""
+        return store_as_lists(self.render_store(fields, swap, turns), swap is not None)
 
 
 def make_renderer(tokenizer, field_names: list[str], shares: tuple[float, ...], max_length: int,
@@ -301,18 +357,33 @@ class TokenFeaturizer:
         return make_renderer(tokenizer, list(self.field_names), self.shares, self.max_length,
                              self.head_fraction, self.decoder)
 
+    def render_store(self, tokenizer, fields: dict[str, list[str]],
+                     turns: dict | None = None) -> TokenStore:
+        """n rows, then their n swapped views when ``swap`` is set (``turns``: a Dataset's)."""
+        return self.renderer(tokenizer).render_store(fields, self.swap, turns)
+
     def render(self, tokenizer, fields: dict[str, list[str]],
-               turns: dict | None = None) -> list[list[list[int]]]:
-        """[ids] or [ids, swapped ids]: n token-id lists per view (``turns``: a Dataset's)."""
-        ids, swapped = self.renderer(tokenizer).render(fields, self.swap, turns)
-        return [ids] if swapped is None else [ids, swapped]
+               turns: dict | None = None) -> list[TokenStore]:
+        """[ids] or [ids, swapped ids]: n rows per view, both views sharing one flat array."""
+        return split_views(self.render_store(tokenizer, fields, turns), self.swap is not None)
+
+
+def split_views(store: TokenStore, swapped: bool) -> list[TokenStore]:
+    """[store] or [rows 0..n-1, rows n..2n-1] of a store rendered with a swapped view."""
+    if not swapped:
+        return [store]
+    n = len(store) // 2
+    return [store[:n], store[n:]]
 
 
 class EncodedRows(Dataset):
-    """Token ids and (optionally) float32 targets of n rows, indexable for a DataLoader."""
+    """Token ids and (optionally) float32 targets of n rows, indexable for a DataLoader.
 
-    def __init__(self, input_ids: list[list[int]], targets: np.ndarray | None = None):
-        self.input_ids = input_ids
+    ``input_ids``: a :class:`TokenStore` (a plain list of token-id lists is converted).
+    """
+
+    def __init__(self, input_ids: TokenStore | list[list[int]], targets: np.ndarray | None = None):
+        self.input_ids = as_token_store(input_ids)
         self.targets = targets
 
     def __len__(self) -> int:
@@ -325,29 +396,45 @@ class EncodedRows(Dataset):
         return item
 
     @property
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
+    def lengths(self) -> np.ndarray:
+        return self.input_ids.lengths
 
 
 class Collator:
-    """Pads a list of rows to the longest in the batch (or to ``pad_to``) with the tokenizer."""
+    """Pads a list of rows to the longest in the batch (or to ``pad_to``).
+
+    Built with numpy straight from the rows' int32 ids: the same tensors as the tokenizer's
+    ``pad`` (int64 ids and mask, its ``pad_token_id`` on its ``padding_side``), without its
+    per-token Python work.
+    """
 
     def __init__(self, tokenizer, pad_to: int | None = None):
         self.tokenizer = tokenizer
         self.pad_to = pad_to
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad(
-            {"input_ids": [item["input_ids"] for item in items]},
-            padding="max_length" if self.pad_to else "longest",
-            max_length=self.pad_to,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        input_ids, attention_mask = pad_rows([item["input_ids"] for item in items],
+                                             self.tokenizer.pad_token_id,
+                                             self.tokenizer.padding_side, self.pad_to)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "labels" in items[0]:
             out["labels"] = torch.from_numpy(np.stack([item["labels"] for item in items]))
         return out
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+             pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) int64 ``input_ids`` and ``attention_mask``; width = longest row, or ``pad_to``
+    (never narrower than the longest row: rows are not cut here)."""
+    lengths = [len(r) for r in rows]
+    width = max([*lengths, pad_to or 0])
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        start = width - n if side == "left" else 0
+        ids[i, start:start + n] = row
+        mask[i, start:start + n] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -361,7 +448,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int,
                  group_by_length: bool = True):
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths).tolist()
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
@@ -394,5 +481,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Deterministic inference batches, longest first (least padding, OOM shows up early)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    # a stable sort of the negated lengths: ties keep row order, as Python's sorted did
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]

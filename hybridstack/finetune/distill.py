@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from hybridstack.errors import HybridstackError
 from hybridstack.finetune import lora
-from hybridstack.finetune.data import EncodedRows, make_renderer
+from hybridstack.finetune.data import EncodedRows, make_renderer, split_views
 from hybridstack.finetune.loop import predict_views
 from hybridstack.finetune.model import load_tokenizer, load_trained
 from hybridstack.runs import ModelDir, read_json
@@ -70,8 +70,8 @@ def soft_targets(accelerator: Accelerator, teacher: ModelDir, config: dict[str, 
     renderer = make_renderer(tokenizer, task.field_names, shares, settings["max_length"],
                              settings["head_fraction"], decoder)
     tta = settings["swap_tta"] and task.swap_fields is not None
-    ids, swapped = renderer.render(rows.fields, task.swap_fields if tta else None, rows.turns)
-    views = [EncodedRows(ids)] + ([EncodedRows(swapped)] if tta else [])
+    store = renderer.render_store(rows.fields, task.swap_fields if tta else None, rows.turns)
+    views = [EncodedRows(view) for view in split_views(store, tta)]
     if settings.get("method", "full") == "lora":
         base_id = read_json(best / lora.BASE_FILE)["model"]
         model, _ = lora.load_adapter_models([best], lora.find_base(base_id, where),
@@ -79,7 +79,7 @@ def soft_targets(accelerator: Accelerator, teacher: ModelDir, config: dict[str, 
                                             accelerator.device)
     else:
         model = load_trained(best).to(accelerator.device)
-    log.info("fold %d: soft labels of %d rows from models/%s fold %d", fold, len(ids),
+    log.info("fold %d: soft labels of %d rows from models/%s fold %d", fold, len(views[0]),
              teacher.name, fold)
     pred = predict_views(accelerator, model, views, task.swap_permutation if tta else None,
                          tokenizer, settings["eval_batch_size"], task.kind == "multilabel")

@@ -110,7 +110,7 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
                                 attention_dropout=cfg.attention_dropout, pad_token_id=pad_token_id)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.weight_decay, cfg.lr, accelerator.device)
     sampler = LengthGroupedBatchSampler(inputs.train.lengths, cfg.batch_size, cfg.seed + fold)
     loader = DataLoader(inputs.train, batch_sampler=sampler, collate_fn=Collator(tokenizer),
                         num_workers=cfg.num_workers)
@@ -172,6 +172,19 @@ def train_fold(accelerator: Accelerator, cfg: FinetuneConfig, task: Task, model_
     info = {"seconds": round(time.perf_counter() - started, 3), "best_iteration": state.best_epoch,
             "best_score": state.best_score, "epochs_run": state.epoch, "history": state.history}
     return FoldOutcome(valid_pred, test_pred, info)
+
+
+def make_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with torch's fastest kernel for ``device``.
+
+    On a CPU torch defaults to its single-tensor loop: about a dozen passes over every
+    parameter per step, a fixed cost (the word embeddings dominate it) that no amount of
+    padding saved shrinks; the fused CPU kernel makes one pass. On CUDA torch already picks
+    its multi-tensor (foreach) kernel by default, which is kept.
+    """
+    fused = True if device.type == "cpu" else None
+    return torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=lr, fused=fused)
 
 
 def _save_adapter(model, tokenizer, folder: Path, base_id: str, base_path: Path) -> None:

@@ -28,6 +28,7 @@ from hybridstack.finetune import lora
 from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
 from hybridstack.finetune.loop import predict_views as predict_token_views
 from hybridstack.finetune.model import load_tokenizer, load_trained, resolve_mixed_precision
+from hybridstack.finetune.token_store import TokenStore
 from hybridstack.heads.base import fold_average, predict_views
 from hybridstack.predict.source import RunContext
 from hybridstack.runs import FEATURIZER_FILE, FOLD_MODEL_FILE, ModelDir, read_json
@@ -133,8 +134,8 @@ class FinetuneFeaturizer:
     def __init__(self, saved: TokenFeaturizer, tokenizer, key: str):
         self.saved, self.tokenizer, self.key = saved, tokenizer, key
 
-    def transform(self, ds: Dataset) -> list[list[list[int]]]:
-        """[ids] or [ids, swapped ids]: n token-id lists per view."""
+    def transform(self, ds: Dataset) -> list[TokenStore]:
+        """[ids] or [ids, swapped ids]: n rows' token ids per view."""
         return self.saved.render(self.tokenizer, ds.fields, ds.turns)
 
 
@@ -185,7 +186,7 @@ class FinetuneModel:
         self.batch_size = settings["eval_batch_size"]
         self.multilabel = ctx.task.kind == "multilabel"
 
-    def predict(self, views: list[list[list[int]]]) -> np.ndarray:
+    def predict(self, views: list[TokenStore | list[list[int]]]) -> np.ndarray:
         """(n, C) float32 probabilities, mean over the fold checkpoints."""
         rows = [EncodedRows(ids) for ids in views]
         if self.permutation is None:

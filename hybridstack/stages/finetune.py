@@ -8,9 +8,14 @@ Run data-parallel with ``hybridstack run finetune -c cfg.toml --num-processes N`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
+import shutil
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +26,10 @@ from hybridstack.errors import HybridstackError
 from hybridstack.experiment import Experiment
 from hybridstack.finetune import distill, lora
 from hybridstack.finetune.checkpoint import FoldCheckpoints
-from hybridstack.finetune.data import EncodedRows, TokenFeaturizer
+from hybridstack.finetune.data import EncodedRows, TokenFeaturizer, split_views
 from hybridstack.finetune.loop import FoldInputs, FoldOutcome, train_fold
 from hybridstack.finetune.model import load_tokenizer, resolve_mixed_precision
+from hybridstack.finetune.token_store import TokenStore, as_token_store
 from hybridstack.folds import fold_rows
 from hybridstack.heads.base import FoldStore, OOFAccumulator, OOFResult
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
@@ -47,6 +53,10 @@ _HASHED_WHEN_SET = {"attention_dropout": None, "method": "full", "quantization":
                     "teacher": None, "teacher_weight": 0.5}
 # Hashed only with method = "lora" (a full fine-tune never reads them).
 _LORA_ONLY = ("lora",)
+# models/<name>/tokens/<key>/{train,test}/: the rendered rows, shared by every rank while
+# the model trains (a resumed run reuses them); removed once the model's DONE is written.
+TOKENS_DIR = "tokens"
+_COMPLETE = "COMPLETE"  # written last: a folder without it is a cut-off write
 
 
 def model_folder_name(cfg: FinetuneConfig) -> str:
@@ -108,6 +118,8 @@ def run(exp: Experiment | Config) -> None:
     if accelerator.is_main_process and skip_if_done(model_dir, done_hash):
         write_best_submission(exp)
     if already_done:
+        if accelerator.is_main_process:
+            remove_token_cache(model_dir.path)
         return
 
     model_path = resolve_model(ft.model, "finetune.model")
@@ -126,7 +138,7 @@ def run(exp: Experiment | Config) -> None:
     tokenizer = load_tokenizer(model_path)
     if decoder:
         lora.prepare_tokenizer(tokenizer)
-    views = encode_experiment(exp, tokenizer, decoder)
+    views = shared_token_views(exp, accelerator, model_dir.path, tokenizer, decoder)
     result = train_folds(exp, accelerator, model_dir, model_path, tokenizer, views, run_folds,
                          fold_hash, teacher)
     if accelerator.is_main_process:
@@ -138,6 +150,8 @@ def run(exp: Experiment | Config) -> None:
         save_model_outputs(exp, model_dir, result, settings, done_hash, stage="finetune")
         write_best_submission(exp)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # after DONE: the finished run keeps no token cache
+        remove_token_cache(model_dir.path)
     accelerator.end_training()
 
 
@@ -157,15 +171,80 @@ def token_featurizer(exp: Experiment, decoder: bool = False) -> TokenFeaturizer:
 
 
 def encode_experiment(exp: Experiment, tokenizer,
-                      decoder: bool = False) -> dict[str, list[list[int]] | None]:
-    """Token ids of train and test rows, and of their A/B-swapped views (pairwise)."""
+                      decoder: bool = False) -> dict[str, TokenStore | None]:
+    """Token ids of train and test rows, and of their A/B-swapped views (pairwise).
+
+    Each split is one :class:`TokenStore` (rows, then swapped rows); the views are slices of it.
+    """
     featurizer = token_featurizer(exp, decoder)
-    train = featurizer.render(tokenizer, exp.train.fields, exp.train.turns)
-    test = None if exp.test is None else featurizer.render(tokenizer, exp.test.fields,
-                                                           exp.test.turns)
-    return {"train": train[0], "train_swapped": train[1] if len(train) > 1 else None,
-            "test": None if test is None else test[0],
-            "test_swapped": test[1] if test is not None and len(test) > 1 else None}
+    stores = {"train": featurizer.render_store(tokenizer, exp.train.fields, exp.train.turns)}
+    if exp.test is not None:
+        stores["test"] = featurizer.render_store(tokenizer, exp.test.fields, exp.test.turns)
+    return views_of(stores, featurizer.swap is not None)
+
+
+def views_of(stores: dict[str, TokenStore], swapped: bool) -> dict[str, TokenStore | None]:
+    """``train``, ``train_swapped``, ``test``, ``test_swapped`` (None where absent)."""
+    views = {}
+    for split in ("train", "test"):
+        parts = split_views(stores[split], swapped) if split in stores else [None]
+        views[split] = parts[0]
+        views[f"{split}_swapped"] = parts[1] if len(parts) > 1 else None
+    return views
+
+
+def token_cache_key(exp: Experiment, tokenizer, decoder: bool) -> str:
+    """What the rendered rows depend on: the featurizer settings, the tokenizer, the data."""
+    blob = json.dumps({"featurizer": asdict(token_featurizer(exp, decoder)),
+                       "tokenizer": tokenizer_fingerprint(tokenizer),
+                       "data": exp.fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary, special tokens and class (its ids depend on them)."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps([tokenizer.all_special_tokens, tokenizer.all_special_ids,
+                              tokenizer.bos_token_id, tokenizer.eos_token_id,
+                              tokenizer.cls_token_id, tokenizer.sep_token_id]).encode())
+    return digest.hexdigest()[:16]
+
+
+def shared_token_views(exp: Experiment, accelerator: Accelerator, model_path: Path, tokenizer,
+                       decoder: bool) -> dict[str, TokenStore | None]:
+    """The experiment's token views, rendered once by the main process and memory-mapped by all.
+
+    The main process renders train and test into ``tokens/<key>/`` (unless a run cut off
+    earlier already did); the other ranks wait for it, then every rank maps the same files,
+    so N ranks hold one copy of the ids in the page cache instead of N rendered copies.
+    """
+    key = token_cache_key(exp, tokenizer, decoder)
+    folder = model_path / TOKENS_DIR / key
+    with accelerator.main_process_first():
+        if not (folder / _COMPLETE).is_file():
+            if not accelerator.is_main_process:  # the main process could not write it
+                return encode_experiment(exp, tokenizer, decoder)
+            write_token_cache(folder, exp, tokenizer, decoder)
+        else:
+            log.info("token ids rendered earlier, reused from %s", folder)
+        stores = {split: TokenStore.load(folder / split)
+                  for split in ("train", "test") if (folder / split).is_dir()}
+    return views_of(stores, token_featurizer(exp, decoder).swap is not None)
+
+
+def write_token_cache(folder: Path, exp: Experiment, tokenizer, decoder: bool) -> None:
+    """Render train and test into ``folder`` (other keys' folders removed: stale settings)."""
+    remove_token_cache(folder.parent.parent)
+    featurizer = token_featurizer(exp, decoder)
+    splits = {"train": exp.train} if exp.test is None else {"train": exp.train, "test": exp.test}
+    for split, ds in splits.items():
+        featurizer.render_store(tokenizer, ds.fields, ds.turns).save(folder / split)
+    (folder / _COMPLETE).write_text("")
+
+
+def remove_token_cache(model_path: Path) -> None:
+    shutil.rmtree(model_path / TOKENS_DIR, ignore_errors=True)
 
 
 def fold_inputs(exp: Experiment, views: dict, fold: int,
@@ -184,13 +263,15 @@ def fold_inputs(exp: Experiment, views: dict, fold: int,
     if ft.max_train_rows is not None and ft.max_train_rows < len(train_rows):
         rng = np.random.default_rng(ft.seed + fold)
         train_rows = np.sort(rng.choice(train_rows, ft.max_train_rows, replace=False))
-    ids = [views["train"][i] for i in train_rows]
+    views = {name: None if view is None else as_token_store(view) for name, view in views.items()}
+    ids = views["train"].take(train_rows)
     targets = Y[train_rows]
     if soft is not None:
         w = ft.teacher_weight
         targets = ((1 - w) * targets + w * soft(train_rows)).astype(np.float32)
     if ft.swap_augment and views["train_swapped"] is not None:
-        ids += [views["train_swapped"][i] for i in train_rows]
+        # both halves index the same flat ids: no copy of the token ids
+        ids = TokenStore.concat([ids, views["train_swapped"].take(train_rows)])
         targets = np.concatenate([targets, swapped_targets(targets, task.swap_permutation)])
     tta = ft.swap_tta and views["train_swapped"] is not None
     test_views = None if views["test"] is None else prediction_views(views, "test", None, tta)
@@ -205,7 +286,7 @@ def prediction_views(views: dict, split: str, rows: np.ndarray | None,
                      tta: bool) -> list[EncodedRows]:
     """``rows`` of ``split`` (all when None) in the original view, and swapped under TTA."""
     names = [split, f"{split}_swapped"] if tta else [split]
-    return [EncodedRows(views[name] if rows is None else [views[name][i] for i in rows])
+    return [EncodedRows(views[name] if rows is None else as_token_store(views[name]).take(rows))
             for name in names]
 
 
