@@ -49,6 +49,7 @@ class LogLines:
         self.total, self.n = total, 0
         self.started = self.last_line = time.monotonic()
         self.lines = 0
+        self.postfix = ""
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -69,8 +70,9 @@ class LogLines:
         if now - self.last_line >= due:
             self._line(now)
 
-    def set_postfix_str(self, text: str) -> None:  # the bar's live loss: not worth a line
-        pass
+    def set_postfix(self, **values: object) -> None:
+        """Shown in the next line, as a bar shows it after the count (e.g. the running loss)."""
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
         if self.lines:  # only phases that already said they were running say they ended
@@ -80,7 +82,9 @@ class LogLines:
     def _line(self, now: float, done: bool = False) -> None:
         count = f"{self.n}/{self.total}" if self.total else str(self.n)
         state = "done" if done else "running"
-        log.info("%s: %s %s %s (%.0fs)", self.desc, state, count, self.unit, now - self.started)
+        postfix = f", {self.postfix}" if self.postfix else ""
+        log.info("%s: %s %s %s (%.0fs%s)", self.desc, state, count, self.unit,
+                 now - self.started, postfix)
         self.last_line, self.lines = now, self.lines + 1
 
 

@@ -72,9 +72,14 @@ def test_iterating_counts_and_closes(clock, caplog):
             clock.now += 20
             yield i
 
-    assert list(LogLines(slow_items(), 4, "predict", "batches")) == [0, 1, 2, 3]
-    assert messages(caplog) == ["predict: running 2/4 batches (40s)",
-                                "predict: done 4/4 batches (80s)"]
+    bar = LogLines(slow_items(), 4, "train", "batches")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix(loss=f"{1 / (i + 1):.2f}")  # as the fine-tune's epoch bar shows its loss
+    assert seen == [0, 1, 2, 3]
+    assert messages(caplog) == ["train: running 2/4 batches (40s, loss=0.50)",
+                                "train: done 4/4 batches (80s, loss=0.25)"]
 
 
 def test_a_terminal_gets_a_bar_a_log_file_lines_and_quiet_nothing(monkeypatch):

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from hybridstack.errors import HybridstackError
 from hybridstack.features.multi_encode import (
@@ -44,6 +43,7 @@ from hybridstack.features.multi_encode import (
     is_multi_process,
 )
 from hybridstack.models import EMBEDDED_MINILM, resolve_model
+from hybridstack.progress import progress
 from hybridstack.runs import read_json, write_bytes, write_json
 from hybridstack.tables import file_sha256
 from hybridstack.versions import library_versions
@@ -395,7 +395,7 @@ class EmbeddingCache:
         # does not mix short and long texts in a batch and waste padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         location: dict[str, tuple[str, int]] = {}
-        with (tqdm(total=len(texts), desc="encoding", unit="text", disable=not show_progress) as bar,
+        with (progress(total=len(texts), desc="encoding", unit="texts", disable=not show_progress) as bar,
               encoding_pool(model, devices) as pool):
             for lo in range(0, len(order), self.shard_rows):
                 chunk = order[lo:lo + self.shard_rows]

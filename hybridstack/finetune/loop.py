@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hybridstack.config import FinetuneConfig
@@ -44,6 +43,7 @@ from hybridstack.finetune.model import (
     optimizer_groups,
     probabilities,
 )
+from hybridstack.progress import progress
 from hybridstack.tasks import Task, average_with_swapped
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def train_epoch(accelerator: Accelerator, model, loader, optimizer, scheduler, l
     model.train()
     loss_sum, n_seen = 0.0, 0
     started = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress(loader, desc=desc, unit="batches", disable=not accelerator.is_local_main_process)
     for step, batch in enumerate(bar, start=1):
         with accelerator.accumulate(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -282,8 +282,8 @@ def predict(accelerator: Accelerator, model, rows: EncodedRows, tokenizer, batch
     batches = sorted_batches(rows.lengths, batch_size)
     mine = batches[accelerator.process_index::accelerator.num_processes]
     parts = []
-    for indices in tqdm(mine, desc="predict", leave=False,
-                        disable=not accelerator.is_local_main_process):
+    for indices in progress(mine, desc="predict", unit="batches",
+                            disable=not accelerator.is_local_main_process):
         batch = collate([rows[i] for i in indices])
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"].to(accelerator.device),
