@@ -235,3 +235,152 @@ def test_the_pool_keeps_each_distinct_vector_once_and_is_content_addressed(tmp_p
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(HybridstackError, match="does not hold the kNN pool"):
         KnnPool.load(tmp_path, pool.digest)
+
+
+# -- memory: keys normalised and indexed a chunk at a time, features shared by heads ----------
+
+
+def faiss_add_index(unit: np.ndarray, kind: str, nprobe: int = 4):
+    """The index as faiss' own train + add build it from the full normalised keys."""
+    import faiss
+
+    from hybridstack.features.knn import ivf_list_count
+
+    n, dim = unit.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.index_factory(dim, f"IVF{ivf_list_count(n)},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(unit)
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    index.add(unit)
+    return index
+
+
+def full_copy_features(X: np.ndarray, Y: np.ndarray, kind: str, k: int) -> np.ndarray:
+    """The kNN features of every fitted row computed the simple way: one normalised copy of the
+    keys, faiss' own index build, one search over all rows."""
+    unit, groups = normalize_rows(X[:, :-1]), X[:, -1].astype(np.int64)
+    sims, ids = search_excluding_groups(faiss_add_index(unit, kind), groups, unit, groups, k)
+    return neighbour_features(sims, ids, Y, Y.mean(axis=0))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 rows, so a few hundred rows cross many chunk boundaries."""
+    from hybridstack.features import knn
+
+    monkeypatch.setattr(knn, "_CHUNK_ROWS", 64)
+
+
+def list_contents(ivf, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, codes) of one inverted list, as numpy copies."""
+    import faiss
+
+    size = ivf.invlists.list_size(list_no)
+    return (faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), size).copy(),
+            faiss.rev_swig_ptr(ivf.invlists.get_codes(list_no), size * ivf.code_size).copy())
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_the_chunked_index_holds_exactly_what_faiss_add_puts_in_it(small_chunks, kind):
+    import faiss
+
+    from hybridstack.features.knn import NormalizedKeys
+
+    X, _ = clustered(1000, 12, 8)
+    X[3] = 0.0  # a zero row stays zero
+    unit = normalize_rows(X)
+    ours, theirs = build_index(NormalizedKeys(X, 0, 12), kind, 4), faiss_add_index(unit, kind)
+    assert ours.ntotal == theirs.ntotal == 1000
+    if kind == "ivf":
+        a, b = faiss.extract_index_ivf(ours), faiss.extract_index_ivf(theirs)
+        for list_no in range(a.nlist):
+            ours_ids, ours_codes = list_contents(a, list_no)
+            theirs_ids, theirs_codes = list_contents(b, list_no)
+            np.testing.assert_array_equal(ours_ids, theirs_ids)
+            np.testing.assert_array_equal(ours_codes, theirs_codes)
+    queries = unit[::7]
+    np.testing.assert_array_equal(ours.search(queries, 9)[1], theirs.search(queries, 9)[1])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_fit_gives_the_features_of_one_full_copy_search_bit_for_bit(small_chunks, kind):
+    X, cluster = clustered(700, 10, 5)
+    groups = np.arange(700) // 3
+    Xg, Y = with_groups(X, groups), np.eye(5, dtype=np.float32)[cluster]
+    head = KNNFeatureHead(LabelMeanProbe(), k=6, index_kind=kind, nprobe=4, batch_size=100).fit(Xg, Y)
+    np.testing.assert_array_equal(head.base_head_.fit_X_[:, -7:], full_copy_features(Xg, Y, kind, 6))
+    assert head.index_.ntotal == 700  # a head without a pool rebuilt (and keeps) its index
+
+
+class SearchCounter:
+    """Counts the faiss searches of the kNN heads (one per query batch)."""
+
+    def __init__(self, monkeypatch):
+        from hybridstack.features import knn
+
+        self.calls, real = 0, knn.search_batches
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            yield from real(*args, **kwargs)
+
+        monkeypatch.setattr(knn, "search_batches", counted)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_heads_sharing_a_search_cache_search_each_fold_once_with_unchanged_outputs(monkeypatch, kind):
+    from hybridstack.features.knn import KnnSearchCache
+
+    X, cluster = clustered(300, 8, 4)
+    Y = np.eye(4, dtype=np.float32)[cluster]
+    Xg, folds = with_groups(X, np.arange(300, dtype=np.float32)), np.arange(300) % 3
+    pool, cache = KnnPool.from_keys([Xg[:, :-1]]), KnnSearchCache()
+    counter = SearchCounter(monkeypatch)
+
+    def run(base, search_cache):
+        head = KNNFeatureHead(base, k=5, index_kind=kind, nprobe=4, pool=pool, search_cache=search_cache)
+        return fit_oof(head, Xg, Y, folds, Xg[:50], score=no_score)
+
+    alone = [run(LogRegHead(), None), run(LabelMeanProbe(), None)]
+    # per head and fold: its fitted rows, the held-out rows at fit (early-stopping rows here)
+    # and again at predict, the test rows
+    assert counter.calls == 2 * 3 * 4
+    counter.calls = 0
+    first = run(LogRegHead(), cache)
+    after_first = counter.calls
+    second = run(LabelMeanProbe(), cache)
+    assert after_first == cache.misses == 3 * 3  # the held-out rows once
+    assert counter.calls == after_first and cache.hits == 3 + 3 * 4  # the second head: no search
+    for shared, own in zip([first, second], alone, strict=True):
+        np.testing.assert_array_equal(shared.oof, own.oof)
+        np.testing.assert_array_equal(shared.test_pred, own.test_pred)
+    run(LabelMeanProbe(), cache)  # the same again: still no search
+    assert counter.calls == after_first
+    other_k = KNNFeatureHead(LabelMeanProbe(), k=4, pool=pool, search_cache=cache)
+    fit_oof(other_k, Xg, Y, folds, score=no_score)  # other settings: other features, searched
+    assert counter.calls > after_first
+
+
+def test_a_head_pickles_without_its_search_cache_and_old_pickles_still_load(tmp_path):
+    from hybridstack.features.knn import KnnSearchCache
+
+    X, cluster = clustered(200, 6, 3)
+    Y = np.eye(3, dtype=np.float32)[cluster]
+    Xg = with_groups(X, np.arange(200, dtype=np.float32))
+    pool = KnnPool.from_keys([Xg[:, :-1]])
+    head = KNNFeatureHead(LogRegHead(), k=5, pool=pool, search_cache=KnnSearchCache()).fit(Xg, Y)
+    expected = head.predict_proba(Xg[:40])
+    buffer = io.BytesIO()
+    joblib.dump(head, buffer)
+    loaded = joblib.load(io.BytesIO(buffer.getvalue()))
+    assert loaded.search_cache is None and not hasattr(loaded, "fit_digest_")
+    np.testing.assert_array_equal(loaded.attach_pool(pool).predict_proba(Xg[:40]), expected)
+    # a head pickled before the cache existed has no such attribute at all
+    state = joblib.load(io.BytesIO(buffer.getvalue())).__getstate__()
+    del state["search_cache"]
+    old = KNNFeatureHead.__new__(KNNFeatureHead)
+    old.__setstate__(state)
+    assert old.get_params()["search_cache"] is None
+    np.testing.assert_array_equal(old.attach_pool(pool).predict_proba(Xg[:40]), expected)

@@ -18,7 +18,9 @@ neighbours, the top similarity and the mean similarity. Computed without leakage
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +39,10 @@ _WEIGHT_FLOOR = 1e-6  # keeps weights positive when every similarity is <= 0
 # changed by 8e-4 after the stack). Re-ranking by a per-row dot product removes that.
 _RERANK_MARGIN = 8
 _RERANK_ROWS = 256  # queries re-scored at a time (bounds the gathered pool vectors)
+_CHUNK_ROWS = 8192  # rows normalised / copied into an index at a time (bounds temporaries)
+# IndexIVF.add assigns rows to lists in blocks of this many; the BLAS similarities (so a row
+# on a list boundary) can depend on the block, so assigning ourselves uses the same blocks.
+_FAISS_ADD_BLOCK = 65536
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -47,27 +53,153 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+class NormalizedKeys:
+    """The normalised key columns ``X[:, start:stop]``, made a slice of rows at a time.
+
+    Slicing gives exactly the rows :func:`normalize_rows` gives for the whole matrix (each row
+    is normalised on its own), without a second full-size copy of the keys: the index build
+    and the searches read it chunk by chunk.
+    """
+
+    def __init__(self, X: np.ndarray, start: int, stop: int):
+        self.X, self.start, self.stop = X, start, stop
+        self.shape = (X.shape[0], stop - start)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return normalize_rows(self.X[rows, self.start:self.stop])
+
+
+class PoolRows:
+    """Rows ``rows`` of a :class:`KnnPool`'s (normalised) vectors, gathered a slice at a time."""
+
+    def __init__(self, pool: KnnPool, rows: np.ndarray):
+        self.pool, self.rows = pool, rows
+        self.shape = (len(rows), pool.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.pool.vectors[self.rows[rows]], dtype=np.float32)
+
+
+def materialize(vectors: Any) -> np.ndarray:
+    """One contiguous float32 (n, d) array of ``vectors`` (an array, or rows sliced lazily),
+    filled chunk by chunk so no full-size temporary is made on the way."""
+    if isinstance(vectors, np.ndarray):
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    out = np.empty(vectors.shape, dtype=np.float32)
+    for lo in range(0, len(out), _CHUNK_ROWS):
+        out[lo:lo + _CHUNK_ROWS] = vectors[lo:lo + _CHUNK_ROWS]
+    return out
+
+
 def ivf_list_count(n: int) -> int:
     """Inverted lists for ``n`` vectors: ~4 sqrt(n), and >= 39 training points per list
     (faiss' k-means minimum)."""
     return max(1, min(4 * int(np.sqrt(n)), n // 39))
 
 
-def build_index(vectors: np.ndarray, kind: IndexKind = "flat", nprobe: int = 16) -> faiss.Index:
-    """An inner-product index over normalised (n, d) float32 ``vectors``.
+class IndexRecipe:
+    """A trained, empty inner-product index and each row's IVF list: all :meth:`fill` needs to
+    make the index of those rows again without re-training (k-means is most of an IVF build).
+    """
+
+    def __init__(self, empty: faiss.Index, lists: np.ndarray | None):
+        self.empty, self.lists = empty, lists
+
+    @classmethod
+    def train(cls, vectors: Any, kind: IndexKind = "flat", nprobe: int = 16) -> IndexRecipe:
+        n, dim = vectors.shape
+        if kind == "flat":
+            return cls(faiss.IndexFlatIP(dim), None)
+        index = faiss.index_factory(dim, f"IVF{ivf_list_count(n)},Flat", faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = nprobe
+        sample = materialize(vectors)  # k-means trains on every row (n < 256 per list)
+        index.train(sample)
+        lists = np.concatenate([ivf.quantizer.assign(sample[lo:lo + _FAISS_ADD_BLOCK], 1)[:, 0]
+                                for lo in range(0, n, _FAISS_ADD_BLOCK)] or [np.zeros(0, np.int64)])
+        return cls(index, lists)  # the training sample is freed here
+
+    def fill(self, vectors: Any) -> faiss.Index:
+        """A new index holding ``vectors`` (the rows trained on, in order), as ``add`` would
+        make it, but with each storage array allocated once at its final size: faiss grows
+        them one row at a time, and that growth (doubling) left an IVF index ~1.4x its data."""
+        index = faiss.clone_index(self.empty)
+        if len(vectors):
+            if self.lists is None:
+                _fill_flat(index, vectors)
+            else:
+                _fill_lists(faiss.extract_index_ivf(index), vectors, self.lists)
+        return index
+
+
+def _fill_flat(index: faiss.IndexFlat, vectors: Any) -> None:
+    n, dim = vectors.shape
+    index.codes.resize(n * index.code_size)
+    storage = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size).view(np.float32)
+    storage = storage.reshape(n, dim)  # a view of the index's own memory
+    for lo in range(0, n, _CHUNK_ROWS):
+        storage[lo:lo + _CHUNK_ROWS] = vectors[lo:lo + _CHUNK_ROWS]
+    index.ntotal = n
+
+
+def _fill_lists(ivf: faiss.IndexIVF, vectors: Any, lists: np.ndarray) -> None:
+    """Each list sized once to its row count, then filled in row order (as ``add`` fills it;
+    rows without a list, which ``add`` skips, are skipped)."""
+    invlists = ivf.invlists
+    counts = np.bincount(lists[lists >= 0], minlength=ivf.nlist)
+    for list_no in np.flatnonzero(counts):
+        invlists.resize(int(list_no), int(counts[list_no]))
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    for lo in range(0, len(lists), _CHUNK_ROWS):
+        block_lists = lists[lo:lo + _CHUNK_ROWS]
+        order = np.argsort(block_lists, kind="stable")  # stable: row order within a list
+        order = order[block_lists[order] >= 0]
+        sorted_lists = block_lists[order]
+        codes = np.ascontiguousarray(vectors[lo:lo + _CHUNK_ROWS][order], dtype=np.float32)
+        ids = (lo + order).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, sorted_lists[1:] != sorted_lists[:-1]]) if len(order) else []
+        for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
+            list_no = int(sorted_lists[a])
+            invlists.update_entries(list_no, int(filled[list_no]), int(b - a),
+                                    faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b].view(np.uint8)))
+            filled[list_no] += b - a
+    ivf.ntotal = len(lists)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    An IVF index keeps its vectors in one heap block per list (~170 kB each at 200k rows);
+    glibc keeps such blocks after they are freed, below later allocations, so a dropped index
+    would still hold its memory while the base head's input (as large) is made.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None  # looked up on first use; False where the C library has none
+
+
+def build_index(vectors: Any, kind: IndexKind = "flat", nprobe: int = 16) -> faiss.Index:
+    """An inner-product index over normalised (n, d) float32 ``vectors`` (an array, or
+    :class:`NormalizedKeys` / :class:`PoolRows`, read a chunk at a time).
 
     ``"flat"`` is exact; ``"ivf"`` clusters the pool into :func:`ivf_list_count` lists
     and scans ``nprobe`` of them per query (approximate, much faster on 10^5+ rows).
     """
-    n, dim = vectors.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.index_factory(dim, f"IVF{ivf_list_count(n)},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    index.add(vectors)
-    return index
+    return IndexRecipe.train(vectors, kind, nprobe).fill(vectors)
 
 
 def search_excluding_groups(
@@ -84,7 +216,7 @@ def search_excluding_groups(
     ----------
     index : faiss index over the pool (ntotal rows).
     pool_groups : (ntotal,) int64 exclusion group of each pool row.
-    queries : (m, d) normalised float32. query_groups : (m,) int64.
+    queries : (m, d) normalised float32, or :class:`NormalizedKeys`. query_groups : (m,) int64.
     k : neighbours wanted; fewer are returned when fewer are eligible.
     batch_size : queries per faiss call, so memory stays bounded.
 
@@ -93,28 +225,43 @@ def search_excluding_groups(
     sims : (m, k) float32, NaN where no neighbour was found.
     ids : (m, k) int64 pool row ids, -1 where no neighbour was found.
     """
-    group_values, group_sizes = np.unique(pool_groups, return_counts=True)
     sims = np.full((len(queries), k), np.nan, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for start, stop, batch_sims, batch_ids in search_batches(index, pool_groups, queries,
+                                                             query_groups, k, batch_size):
+        sims[start:stop], ids[start:stop] = batch_sims, batch_ids
+    return sims, ids
+
+
+def search_batches(index: faiss.Index, pool_groups: np.ndarray, queries: Any,
+                   query_groups: np.ndarray, k: int, batch_size: int = 4096) -> Iterator[tuple]:
+    """:func:`search_excluding_groups` one batch of queries at a time: yields
+    ``(start, stop, sims, ids)`` of rows ``start:stop`` (a caller that reduces each batch
+    never holds the (m, k) results of every query)."""
+    group_values, group_sizes = np.unique(pool_groups, return_counts=True)
     for start in range(0, len(queries), batch_size):
         stop = min(start + batch_size, len(queries))
         batch_groups = query_groups[start:stop]
+        sims = np.full((stop - start, k), np.nan, dtype=np.float32)
+        ids = np.full((stop - start, k), -1, dtype=np.int64)
         # search deep enough that k neighbours survive dropping the largest own group
         excluded = _pool_count(group_values, group_sizes, batch_groups).max(initial=0)
         depth = int(min(index.ntotal, k + excluded))
         if depth == 0:
+            yield start, stop, sims, ids
             continue
-        found_ids = index.search(queries[start:stop], min(index.ntotal, depth + _RERANK_MARGIN))[1]
-        found_sims, found_ids = exact_rerank(index, queries[start:stop], found_ids)
+        batch = queries[start:stop]  # normalised here when the queries are NormalizedKeys
+        found_ids = index.search(batch, min(index.ntotal, depth + _RERANK_MARGIN))[1]
+        found_sims, found_ids = exact_rerank(index, batch, found_ids)
         eligible = found_ids >= 0
         eligible &= pool_groups[np.maximum(found_ids, 0)] != batch_groups[:, None]
         # stable sort keeps the similarity order among the eligible neighbours
         order = np.argsort(~eligible, axis=1, kind="stable")[:, :k]
         keep = np.take_along_axis(eligible, order, axis=1)
         width = order.shape[1]
-        sims[start:stop, :width] = np.where(keep, np.take_along_axis(found_sims, order, axis=1), np.nan)
-        ids[start:stop, :width] = np.where(keep, np.take_along_axis(found_ids, order, axis=1), -1)
-    return sims, ids
+        sims[:, :width] = np.where(keep, np.take_along_axis(found_sims, order, axis=1), np.nan)
+        ids[:, :width] = np.where(keep, np.take_along_axis(found_ids, order, axis=1), -1)
+        yield start, stop, sims, ids
 
 
 def exact_rerank(index: faiss.Index, queries: np.ndarray,
@@ -201,22 +348,30 @@ class KnnPool:
     @classmethod
     def from_keys(cls, keys: list[np.ndarray]) -> KnnPool:
         """The pool of every row of ``keys`` (raw key columns: train, and its swapped view)."""
-        vectors = np.concatenate([normalize_rows(k) for k in keys])
+        vectors = np.concatenate([materialize(NormalizedKeys(k, 0, k.shape[1])) for k in keys])
         seen: dict[bytes, int] = {}
         for i, row in enumerate(vectors):
-            seen.setdefault(row.tobytes(), i)
+            seen.setdefault(_row_digest(row), i)
         unique = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
         return cls(vectors[unique] if len(unique) < len(vectors) else vectors)
 
-    def positions(self, vectors: np.ndarray) -> np.ndarray:
-        """(n,) int64 position in the pool of each normalised row of ``vectors``."""
+    def positions(self, vectors: Any) -> np.ndarray:
+        """(n,) int64 position in the pool of each normalised row of ``vectors`` (an array or
+        :class:`NormalizedKeys`, read a chunk at a time)."""
         if self._positions is None:
-            self._positions = {row.tobytes(): i for i, row in enumerate(self.vectors)}
-        try:
-            return np.fromiter((self._positions[row.tobytes()] for row in vectors),
-                               dtype=np.int64, count=len(vectors))
-        except KeyError:
-            raise ValueError("a kNN head was fitted on rows that are not in its pool") from None
+            self._positions = {}
+            for i, row in enumerate(self.vectors):
+                self._positions.setdefault(_row_digest(row), i)
+        found = np.empty(len(vectors), dtype=np.int64)
+        for lo in range(0, len(vectors), _CHUNK_ROWS):
+            rows = np.asarray(vectors[lo:lo + _CHUNK_ROWS])
+            try:
+                found[lo:lo + len(rows)] = [self._positions[_row_digest(row)] for row in rows]
+            except KeyError:
+                raise ValueError("a kNN head was fitted on rows that are not in its pool") from None
+            if not np.array_equal(self.vectors[found[lo:lo + len(rows)]], rows):
+                raise ValueError("a kNN head was fitted on rows that are not in its pool")
+        return found
 
     @staticmethod
     def path(run_dir: Path, digest: str) -> Path:
@@ -242,7 +397,55 @@ class KnnPool:
         return self
 
 
+def _row_digest(row: np.ndarray) -> bytes:
+    """A 16-byte name of a vector's exact bytes: the pool's lookup keys (the rows' own bytes
+    as keys held a second copy of the pool, 4.6 kB a row on LMSYS)."""
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
 POOL_DIR = "knn"  # runs/<experiment>/knn/<digest>.npy: the shared kNN pools
+
+
+class KnnSearchCache:
+    """kNN features already computed in this process, by content, for heads that search alike.
+
+    The embed stage's heads (LightGBM, MLP, ...) are fitted on the same folds, keys, groups,
+    labels and k, so each fold's neighbour search (of its training, stopping, held-out and test
+    rows) gives the same features for every head: the first head computes them, the others
+    read them here. An entry's key is the digest of the fitted rows (keys, groups, labels, the
+    search settings) and of the queried rows, so a head that differs in any of them (fitted on
+    other rows, another k) simply misses. Held in memory only: (rows x (C + 2)) float32 per
+    split per fold, small next to the feature matrix; never pickled with a head.
+    """
+
+    def __init__(self) -> None:
+        self._features: dict[str, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Any) -> np.ndarray:
+        if key in self._features:
+            self.hits += 1
+            return self._features[key]
+        self.misses += 1
+        features = compute()
+        features.setflags(write=False)  # shared by several heads: never changed in place
+        self._features[key] = features
+        return features
+
+    # clone() deep-copies a head's parameters for every fold: all of them share this cache
+    def __deepcopy__(self, memo: dict) -> KnnSearchCache:
+        return self
+
+
+def rows_digest(X: np.ndarray, key_start: int, key_stop: int) -> str:
+    """Digest of what a row contributes to a kNN search: its key columns and its group."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((X.shape[0], key_stop - key_start, X.dtype.str)).encode())
+    for lo in range(0, X.shape[0], _CHUNK_ROWS):
+        h.update(np.ascontiguousarray(X[lo:lo + _CHUNK_ROWS, key_start:key_stop]).data)
+        h.update(np.ascontiguousarray(X[lo:lo + _CHUNK_ROWS, -1]).data)
+    return h.hexdigest()
 
 
 class KNNFeatureHead(BaseEstimator):
@@ -262,11 +465,19 @@ class KNNFeatureHead(BaseEstimator):
     pool : the experiment's :class:`KnnPool` holding every fitted row's key; the fitted head
         then keeps positions into it, and is pickled without vectors (re-attach the pool
         with :meth:`attach_pool` after loading). None: the head keeps its own index.
+    search_cache : a :class:`KnnSearchCache` shared with other heads fitted on the same rows:
+        features one of them has computed are read, not searched again. Never pickled.
+
+    Memory: the keys are normalised a chunk at a time (never a full second copy), and the
+    index is dropped while the base head's widened input exists (both are as large as the
+    keys); a head with a pool rebuilds it from the pool when a search needs it, one without
+    rebuilds it before ``fit`` returns (from the trained quantizer: no second k-means).
     """
 
     def __init__(self, base_head: Any, key_start: int = 0, key_stop: int | None = None,
                  k: int = 20, index_kind: IndexKind = "flat", nprobe: int = 16,
-                 batch_size: int = 4096, pool: KnnPool | None = None):
+                 batch_size: int = 4096, pool: KnnPool | None = None,
+                 search_cache: KnnSearchCache | None = None):
         self.base_head = base_head
         self.key_start = key_start
         self.key_stop = key_stop
@@ -275,22 +486,67 @@ class KNNFeatureHead(BaseEstimator):
         self.nprobe = nprobe
         self.batch_size = batch_size
         self.pool = pool
+        self.search_cache = search_cache
+
+    def _key_columns(self, X: np.ndarray) -> tuple[int, int]:
+        return self.key_start, X.shape[1] - 1 if self.key_stop is None else self.key_stop
+
+    def _lazy_keys_and_groups(self, X: np.ndarray) -> tuple[NormalizedKeys, np.ndarray]:
+        return NormalizedKeys(X, *self._key_columns(X)), X[:, -1].astype(np.int64)
 
     def _key_and_groups(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        key_stop = X.shape[1] - 1 if self.key_stop is None else self.key_stop
-        return normalize_rows(X[:, self.key_start:key_stop]), X[:, -1].astype(np.int64)
+        keys, groups = self._lazy_keys_and_groups(X)
+        return materialize(keys), groups
 
     def _with_knn(self, X: np.ndarray, knn: np.ndarray) -> np.ndarray:
         return np.hstack([X[:, :-1], knn]).astype(np.float32, copy=False)
 
-    def _search(self, key: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        sims, ids = search_excluding_groups(self.index_, self.pool_groups_, key, groups,
-                                            self.k, self.batch_size)
-        return neighbour_features(sims, ids, self.pool_Y_, self.prior_)
+    def _index(self) -> faiss.Index:
+        """The fitted pool's index, made when a search first needs it: from the keys being
+        fitted, else from the pool (trained once: a kept recipe refills it without k-means)."""
+        if getattr(self, "index_", None) is None:
+            source = getattr(self, "_fit_keys", None)
+            if source is None and getattr(self, "pool", None) is not None:
+                source = PoolRows(self.pool, self.pool_rows_)
+            if source is None:
+                raise HybridstackError("a kNN head loaded from disk needs its pool: attach_pool(pool)")
+            recipe = getattr(self, "_recipe", None)
+            if recipe is None:
+                recipe = self._recipe = IndexRecipe.train(source, self.index_kind, self.nprobe)
+            self.index_ = recipe.fill(source)
+        return self.index_
+
+    def _search(self, key: Any, groups: np.ndarray) -> np.ndarray:
+        # features batch by batch: the (m, k) neighbours of every row are never all held
+        features = np.empty((len(key), self.pool_Y_.shape[1] + 2), dtype=np.float32)
+        for start, stop, sims, ids in search_batches(self._index(), self.pool_groups_, key,
+                                                     groups, self.k, self.batch_size):
+            features[start:stop] = neighbour_features(sims, ids, self.pool_Y_, self.prior_)
+        return features
+
+    def _features_of(self, X: np.ndarray, query_digest: str | None = None) -> np.ndarray:
+        """kNN features of rows ``X``, read from the shared search cache when one holds them."""
+        def search() -> np.ndarray:
+            return self._search(*self._lazy_keys_and_groups(X))
+
+        cache, fitted = getattr(self, "search_cache", None), getattr(self, "fit_digest_", None)
+        if cache is None or fitted is None:
+            return search()
+        query = query_digest or rows_digest(X, *self._key_columns(X))
+        return cache.get_or_compute(f"{fitted}:{query}", search)
 
     def knn_features(self, X: np.ndarray) -> np.ndarray:
         """(n, C + 2) kNN features of rows ``X`` against the fitted pool."""
-        return self._search(*self._key_and_groups(X))
+        return self._features_of(X)
+
+    def _fit_digest(self, rows: str, Y: np.ndarray) -> str:
+        """What the features of any query depend on besides the query: the fitted rows and
+        labels, and the search settings."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(rows.encode())
+        h.update(repr((Y.shape, self.k, self.index_kind, self.nprobe, self.batch_size)).encode())
+        h.update(np.ascontiguousarray(Y).data)
+        return h.hexdigest()
 
     def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray | None = None,
             Y_val: np.ndarray | None = None) -> KNNFeatureHead:
@@ -299,17 +555,32 @@ class KNNFeatureHead(BaseEstimator):
         X : (n, d + 1) features with the group column last. Y : (n, C) float32 target.
         X_val, Y_val : optional validation rows (same layout), passed on for early stopping.
         """
-        key, groups = self._key_and_groups(X)
+        keys, groups = self._lazy_keys_and_groups(X)
         self.pool_Y_ = np.asarray(Y, dtype=np.float32)
         self.pool_groups_ = groups
         self.prior_ = self.pool_Y_.mean(axis=0)
         if self.pool is not None:
-            self.pool_rows_ = self.pool.positions(key).astype(np.int32)
-        self.index_ = build_index(key, self.index_kind, self.nprobe)
-        train_knn = self._search(key, groups)  # every row's own group is excluded: leave-group-out
-        del key  # the index holds the vectors now
-        val = None if X_val is None else self._with_knn(X_val, self.knn_features(X_val))
-        self.base_head_ = clone(self.base_head).fit(self._with_knn(X, train_knn), Y, val, Y_val)
+            self.pool_rows_ = self.pool.positions(keys).astype(np.int32)
+        self.index_ = self._recipe = None
+        fitted_rows = None
+        if self.search_cache is not None:
+            fitted_rows = rows_digest(X, *self._key_columns(X))
+            self.fit_digest_ = self._fit_digest(fitted_rows, self.pool_Y_)
+        self._fit_keys = keys  # the index, if a search needs one, is made from these
+        try:
+            # every row's own group is excluded: leave-group-out
+            train_knn = self._features_of(X, fitted_rows)
+            val_knn = None if X_val is None else self.knn_features(X_val)
+            # the base head's input below is as large as the index: never hold both at once
+            if self.index_ is not None:
+                self.index_ = None
+                release_freed_memory()
+            val = None if X_val is None else self._with_knn(X_val, val_knn)
+            self.base_head_ = clone(self.base_head).fit(self._with_knn(X, train_knn), Y, val, Y_val)
+            if self.pool is None:
+                self._index()  # a head without a pool owns (and pickles) its index
+        finally:
+            del self._fit_keys  # it holds X
         return self
 
     def attach_pool(self, pool: KnnPool) -> KNNFeatureHead:
@@ -319,13 +590,13 @@ class KNNFeatureHead(BaseEstimator):
                                    f"not {pool.digest}; re-run the embed stage")
         self.pool = pool
         # the same vectors in the same order as at fit time: the same index and neighbours
-        self.index_ = build_index(np.ascontiguousarray(pool.vectors[self.pool_rows_]),
-                                  self.index_kind, self.nprobe)
+        self.index_ = self._recipe = None
+        self._index()
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(n, C) float32 probabilities of the base head on ``[features | knn features]``."""
-        if not hasattr(self, "index_"):
+        if getattr(self, "index_", None) is None and getattr(self, "pool", None) is None:
             raise HybridstackError("a kNN head loaded from disk needs its pool: attach_pool(pool)")
         return self.base_head_.predict_proba(self._with_knn(X, self.knn_features(X)))
 
@@ -338,20 +609,25 @@ class KNNFeatureHead(BaseEstimator):
         return getattr(self.base_head, "early_stops", False)
 
     # faiss indexes are SWIG objects: pickle them (FoldStore uses joblib) as serialised bytes;
-    # a head with a pool is pickled with positions into it instead (no vectors at all)
+    # a head with a pool is pickled with positions into it instead (no vectors at all). The
+    # search cache, the index recipe and the fit digest are this process's only.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: the live object keeps its index
+        for transient in ("_recipe", "_fit_keys", "fit_digest_"):
+            state.pop(transient, None)
+        state["search_cache"] = None
         if state.get("pool") is not None:
             state["pool_digest_"] = state["pool"].digest
             state["pool"] = None
             state.pop("index_", None)
-        elif "index_" in state:
+        elif state.get("index_") is not None:
             state["index_"] = faiss.serialize_index(state["index_"])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "index_" in state:
+        if state.get("index_") is not None:
             state = {**state, "index_": faiss.deserialize_index(state["index_"])}
+        state.setdefault("search_cache", None)  # heads pickled before the cache existed
         super().__setstate__(state)
 
 

@@ -25,7 +25,13 @@ from hybridstack.features.embed_matrix import (
     load_or_build_features,
 )
 from hybridstack.features.embeddings import EmbeddingCache, embed_cache_from_config
-from hybridstack.features.knn import GROUP_MAP_FILE, GroupMap, KNNFeatureHead, KnnPool
+from hybridstack.features.knn import (
+    GROUP_MAP_FILE,
+    GroupMap,
+    KNNFeatureHead,
+    KnnPool,
+    KnnSearchCache,
+)
 from hybridstack.features.lengths import STRUCTURE_NAMES
 from hybridstack.heads.base import FoldStore, SwapView, fit_oof
 from hybridstack.heads.registry import build_head, configured_heads, head_list_keys
@@ -68,16 +74,19 @@ def embed_alias(embed: EmbedConfig) -> str:
 # -- heads ---------------------------------------------------------------------------------
 
 
-def make_head(spec: Any, exp: Experiment, features: EmbedFeatures, pool: KnnPool | None) -> Any:
+def make_head(spec: Any, exp: Experiment, features: EmbedFeatures, pool: KnnPool | None,
+              search_cache: KnnSearchCache | None = None) -> Any:
     """The configured head (built by its registered kind), wrapped in a kNN-feature head
-    over the experiment's shared pool when ``embed.knn`` is on."""
+    over the experiment's shared pool when ``embed.knn`` is on; heads given one
+    ``search_cache`` search each fold's neighbours once between them."""
     head = build_head(spec, exp.task.kind == "multilabel", exp.cfg.cv.seed)
     embed = exp.cfg.embed
     if not embed.knn:
         return head
     start, stop = features.key_columns
     return KNNFeatureHead(head, key_start=start, key_stop=stop, k=embed.knn_k,
-                          index_kind=embed.knn_index, nprobe=embed.knn_nprobe, pool=pool)
+                          index_kind=embed.knn_index, nprobe=embed.knn_nprobe, pool=pool,
+                          search_cache=search_cache)
 
 
 def knn_pool(exp: Experiment, features: EmbedFeatures) -> KnnPool:
@@ -113,7 +122,8 @@ def head_config_hash(exp: Experiment, cache: EmbeddingCache, spec: Any) -> str:
 
 
 def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures, pool: KnnPool | None,
-             spec: Any, model_name: str, config_hash: str) -> None:
+             spec: Any, model_name: str, config_hash: str,
+             search_cache: KnnSearchCache | None = None) -> None:
     """Cross-validate one head on the shared folds and save its outputs (DONE last)."""
     embed = exp.cfg.embed
     model = exp.dir.model(model_name)
@@ -121,7 +131,7 @@ def fit_head(exp: Experiment, cache: EmbeddingCache, features: EmbedFeatures, po
     if exp.task.swap_permutation is not None:
         swap = SwapView(features.X_swap, features.X_test_swap, exp.task.swap_permutation,
                         augment=embed.swap_augment, tta=embed.swap_tta)
-    result = fit_oof(make_head(spec, exp, features, pool), features.X, exp.train.Y, exp.folds,
+    result = fit_oof(make_head(spec, exp, features, pool, search_cache), features.X, exp.train.Y, exp.folds,
                      features.X_test, score=exp.task.score, swap=swap,
                      store=FoldStore(model.path, config_hash),
                      stopping_rows=exp.early_stopping_split())
@@ -156,6 +166,9 @@ def run(exp: Experiment | Config) -> None:
     cache = embed_cache_from_config(cfg)
     alias = embed_alias(cfg.embed)
     features = pool = None
+    # the heads share each fold's kNN search (same rows, keys, labels and k): the first
+    # head to fit a fold computes its neighbour features, the others read them
+    search_cache = KnnSearchCache() if cfg.embed.knn else None
     for spec in configured_heads(cfg.embed):
         model_name = f"{alias}_{spec.name}"
         config_hash = head_config_hash(exp, cache, spec)
@@ -164,7 +177,7 @@ def run(exp: Experiment | Config) -> None:
         if features is None:
             features = load_or_build_features(exp, cache)
             pool = knn_pool(exp, features) if cfg.embed.knn else None
-        fit_head(exp, cache, features, pool, spec, model_name, config_hash)
+        fit_head(exp, cache, features, pool, spec, model_name, config_hash, search_cache)
     write_best_submission(exp)
 
 
