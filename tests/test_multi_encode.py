@@ -23,22 +23,6 @@ TEXTS = [f"{'very ' * (i % 7)}short text {i} about {topic}" for i, topic in
 TEXTS += TEXTS[:3]
 
 
-@pytest.fixture
-def pool_starts(monkeypatch) -> list[list[str]]:
-    """The devices of every worker pool started (the real pool still starts)."""
-    from sentence_transformers import SentenceTransformer
-
-    started: list[list[str]] = []
-    real_start = SentenceTransformer.start_multi_process_pool
-
-    def recording_start(self, target_devices=None):
-        started.append(list(target_devices))
-        return real_start(self, target_devices)
-
-    monkeypatch.setattr(SentenceTransformer, "start_multi_process_pool", recording_start)
-    return started
-
-
 def make_cache(root: Path, **kwargs) -> EmbeddingCache:
     # float32 storage: the two paths are compared to 1e-6, below float16's resolution
     return EmbeddingCache(root, EMBEDDED_MINILM, max_seq_length=32, dtype="float32",
@@ -100,15 +84,50 @@ def test_argument_beats_environment_beats_automatic(monkeypatch):
 # -- the pool through the cache ----------------------------------------------------------------
 
 
-@needs_minilm
-def test_two_cpu_processes_write_the_same_cache_as_one(tmp_path, monkeypatch, pool_starts):
+# The pool tests run in a fresh interpreter: a spawned worker that dies while it starts leaves
+# its parent blocked writing the pickled model into the pipe (CPython's spawn keeps the read
+# end open until the write is done), and state left by earlier tests in the same process made
+# that happen once. A subprocess with a timeout turns such a hang into a failure.
+POOL_CHILD = r"""
+import json, multiprocessing, sys
+from pathlib import Path
+from sentence_transformers import SentenceTransformer
+sys.path.insert(0, sys.argv[2])
+import test_multi_encode as t
+
+started = []
+real_start = SentenceTransformer.start_multi_process_pool
+def recording_start(self, target_devices=None):
+    started.append(list(target_devices))
+    return real_start(self, target_devices)
+SentenceTransformer.start_multi_process_pool = recording_start
+getattr(t, sys.argv[1])(Path(sys.argv[3]), started)
+assert multiprocessing.active_children() == [], "worker processes were left running"
+print("ok")
+"""
+
+
+def run_in_fresh_interpreter(check: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != ENCODE_DEVICES_ENV}
+    proc = subprocess.run([sys.executable, "-c", POOL_CHILD, check, str(Path(__file__).parent),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=420,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
+def check_same_cache_as_one_process(tmp_path: Path, pool_starts: list) -> None:
+    import os
+
     assert resolve_model(EMBEDDED_MINILM, "embed.model").is_dir()
-    monkeypatch.delenv(ENCODE_DEVICES_ENV, raising=False)
     single = make_cache(tmp_path / "single")
     expected = single.encode(TEXTS, show_progress=False)
     assert pool_starts == []  # a CPU machine encodes in one process by default
 
-    monkeypatch.setenv(ENCODE_DEVICES_ENV, "cpu,cpu")
+    os.environ[ENCODE_DEVICES_ENV] = "cpu,cpu"
     multi = make_cache(tmp_path / "multi")
     vectors = multi.encode(TEXTS, show_progress=False)
     assert pool_starts == [["cpu", "cpu"]]  # one pool for all 3 shards
@@ -119,16 +138,17 @@ def test_two_cpu_processes_write_the_same_cache_as_one(tmp_path, monkeypatch, po
     assert cached_hashes(multi) == cached_hashes(single)
     np.testing.assert_allclose(vectors, expected, atol=1e-6, rtol=0)
     # the parent's model is usable in-process again after the pool moved it to the CPU
-    monkeypatch.setenv(ENCODE_DEVICES_ENV, "cpu")
+    os.environ[ENCODE_DEVICES_ENV] = "cpu"
     more = multi.encode(["one more text"], show_progress=False)
     np.testing.assert_allclose(more, single.encode(["one more text"], show_progress=False),
                                atol=1e-6, rtol=0)
     assert len(pool_starts) == 1
 
 
-@needs_minilm
-def test_a_failing_worker_raises_one_error_and_stops_the_pool(tmp_path, monkeypatch, pool_starts):
-    monkeypatch.setenv(ENCODE_DEVICES_ENV, "cpu,cpu")
+def check_failing_worker_raises_one_error(tmp_path: Path, pool_starts: list) -> None:
+    import os
+
+    os.environ[ENCODE_DEVICES_ENV] = "cpu,cpu"
     cache = make_cache(tmp_path)
     # a lone surrogate hashes fine here but the tokenizer rejects it inside a worker
     texts = [*TEXTS[:20], "broken \ud800 text"]
@@ -141,6 +161,16 @@ def test_a_failing_worker_raises_one_error_and_stops_the_pool(tmp_path, monkeypa
     # holding the (short) bad text was never committed
     assert cached_hashes(cache) == sorted(text_hash(t) for t in sorted(texts, key=lambda t: -len(t))[:16])
     assert not [p for p in cache.shard_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+@needs_minilm
+def test_two_cpu_processes_write_the_same_cache_as_one(tmp_path):
+    run_in_fresh_interpreter("check_same_cache_as_one_process", tmp_path)
+
+
+@needs_minilm
+def test_a_failing_worker_raises_one_error_and_stops_the_pool(tmp_path):
+    run_in_fresh_interpreter("check_failing_worker_raises_one_error", tmp_path)
 
 
 def test_pool_is_stopped_and_model_moved_back_when_the_block_fails():
