@@ -322,7 +322,9 @@ def _embed_section(embed_model: str) -> dict[str, Any]:
 # Extra TF-IDF models each task kind gets, kept only where they raised the stack's CV on the
 # real data of ../shared/data (README "Leaderboard on real data"); never decided on test labels.
 # multilabel: NB-SVM next to the logistic regression took jigsaw-toxic-10k's level-1 stack
-# from 0.9538 to 0.9559 (nested CV mean ROC-AUC, 8,000 rows). Multiclass has no measured gain.
+# from 0.9538 to 0.9559 (nested CV mean ROC-AUC, 8,000 rows). Pairwise: tfidf.shape_features
+# made llmeval2-pairwise's TF-IDF model worse (CV log loss 0.9921 vs 0.9841, 2,046 rows; the
+# embed heads already see the lengths), so it stays off. Multiclass has no measured gain.
 TFIDF_EXTRAS: dict[str, tuple[dict[str, Any], str]] = {
     "multilabel": ({"nbsvm": [{"name": "tfidf_nbsvm"}]},
                    "tfidf: + NB-SVM (tfidf_nbsvm): it raised the Jigsaw stack's CV"),
