@@ -19,35 +19,24 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench_embed_cache import BATCH_SIZE, DATA, MAX_SEQ_LENGTH, load_texts  # noqa: E402
 
 from hybridstack.features import embeddings  # noqa: E402
 from hybridstack.features.embeddings import EmbeddingCache  # noqa: E402
 from hybridstack.features.multi_encode import parse_devices  # noqa: E402
 from hybridstack.models import EMBEDDED_MINILM, embedded_minilm_path  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw-toxic-10k" / "train.csv"
 RESULTS = Path(__file__).resolve().parent / "results" / "multi_encode.json"
-MAX_SEQ_LENGTH = 128
-BATCH_SIZE = 64
-SEED = 42
-
-
-def load_texts(path: Path, rows: int) -> list[str]:
-    comments = pd.read_csv(path, usecols=["comment_text"], dtype=str, keep_default_na=False)
-    unique = list(dict.fromkeys(comments["comment_text"]))
-    random.Random(SEED).shuffle(unique)
-    return unique[:rows]
 
 
 def default_devices() -> list[str]:
