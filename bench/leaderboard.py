@@ -61,9 +61,15 @@ def bench_dataset(folder: Path, work: Path, overrides: list[str]) -> dict:
     _, out = hybridstack("score", str(work / "runs" / name / "submission.csv"), str(folder / "test_labels.csv"))
     print(f"{name}: submission {out.strip()}")
     rows = compare_rows(work, experiments=[name], labels=folder / "test_labels.csv")
-    models = [{"model": r["model"], "metric": r["metric"], "cv": r["cv"], "heldout": r.get("heldout"),
-               "train_seconds": r["seconds"]} for r in rows]
-    return {"dataset": name, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "models": models}
+    return {"dataset": name, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "models": model_rows(rows)}
+
+
+def model_rows(rows: list[dict]) -> list[dict]:
+    """Each model's CV with the rows it was computed over, and its held-out score."""
+    return [{"model": r["model"], "metric": r["metric"], "cv": r["cv"], "cv_rows": r["rows"],
+             "cv_rows_basis": r["rows_basis"], "heldout": r.get("heldout"),
+             "train_seconds": r["seconds"]} for r in rows]
 
 
 # The LoRA run's own settings on top of the config's CPU fine-tune (adapters learn at higher rates).
@@ -92,9 +98,7 @@ def bench_lora(folder: Path, work: Path, overrides: list[str]) -> dict:
     print(out.strip(), flush=True)
     hybridstack("run", "stack", "-c", str(config), *sets)
     with_lora = stack_row()
-    rows = compare_rows(work, experiments=[name], labels=labels)
-    models = [{"model": r["model"], "metric": r["metric"], "cv": r["cv"], "heldout": r.get("heldout"),
-               "train_seconds": r["seconds"]} for r in rows]
+    models = model_rows(compare_rows(work, experiments=[name], labels=labels))
     return {"dataset": name, "lora_seconds": round(seconds, 1), "lora_settings": LORA_SETTINGS,
             "stack_without_lora": without, "stack_with_lora": with_lora, "models": models}
 
@@ -120,10 +124,11 @@ def markdown(results: list[dict], machine: str) -> str:
     for res in results:
         stage_times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_seconds"].items())
         lines += [f"**{res['dataset']}** (wall time per stage: {stage_times})", "",
-                  "| model | metric | CV | held-out |", "|---|---|---|---|"]
+                  "| model | metric | CV (rows) | held-out |", "|---|---|---|---|"]
         for m in res["models"]:
             heldout = "-" if m["heldout"] is None else f"{m['heldout']:.4f}"
-            lines.append(f"| {m['model']} | {m['metric']} | {m['cv']:.4f} | {heldout} |")
+            rows = f" ({m['cv_rows']:,})" if m.get("cv_rows") else ""
+            lines.append(f"| {m['model']} | {m['metric']} | {m['cv']:.4f}{rows} | {heldout} |")
         lines.append("")
     return "\n".join(lines)
 
