@@ -11,14 +11,8 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
 
 from hybridstack.errors import HybridstackError
-from hybridstack.features.knn import (
-    KNNFeatureHead,
-    KnnPool,
-    build_index,
-    neighbour_features,
-    normalize_rows,
-    search_excluding_groups,
-)
+from hybridstack.features.knn import KNNFeatureHead, KnnPool, neighbour_features
+from hybridstack.features.knn_index import build_index, normalize_rows, search_excluding_groups
 from hybridstack.heads.base import fit_oof
 from hybridstack.heads.logreg import LogRegHead
 
@@ -173,7 +167,7 @@ def test_a_rows_neighbours_do_not_depend_on_the_rows_searched_with_it():
     this data); the exact re-ranking makes each row's result independent of the batch."""
     import faiss
 
-    from hybridstack.features.knn import normalize_rows, search_excluding_groups
+    from hybridstack.features.knn_index import normalize_rows, search_excluding_groups
 
     rng = np.random.default_rng(1)
     pool = normalize_rows(rng.normal(size=(3000, 1152)).astype(np.float32))
@@ -244,7 +238,7 @@ def faiss_add_index(unit: np.ndarray, kind: str, nprobe: int = 4):
     """The index as faiss' own train + add build it from the full normalised keys."""
     import faiss
 
-    from hybridstack.features.knn import ivf_list_count
+    from hybridstack.features.knn_index import ivf_list_count
 
     n, dim = unit.shape
     if kind == "flat":
@@ -268,9 +262,10 @@ def full_copy_features(X: np.ndarray, Y: np.ndarray, kind: str, k: int) -> np.nd
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 64 rows, so a few hundred rows cross many chunk boundaries."""
-    from hybridstack.features import knn
+    from hybridstack.features import knn, knn_index
 
-    monkeypatch.setattr(knn, "_CHUNK_ROWS", 64)
+    for module in (knn, knn_index):  # the index build's chunks and the head's
+        monkeypatch.setattr(module, "CHUNK_ROWS", 64)
 
 
 def list_contents(ivf, list_no: int) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +281,7 @@ def list_contents(ivf, list_no: int) -> tuple[np.ndarray, np.ndarray]:
 def test_the_chunked_index_holds_exactly_what_faiss_add_puts_in_it(small_chunks, kind):
     import faiss
 
-    from hybridstack.features.knn import NormalizedKeys
+    from hybridstack.features.knn_index import NormalizedKeys
 
     X, _ = clustered(1000, 12, 8)
     X[3] = 0.0  # a zero row stays zero

@@ -375,7 +375,7 @@ def check_near_duplicates(exp: Experiment, max_rate: float) -> Check:
     """Share of test rows whose embedding key has a train row at cosine >= 0.95."""
     import faiss
 
-    from hybridstack.features.knn import normalize_rows
+    from hybridstack.features.knn_index import normalize_rows
 
     name = "near-duplicates"
     if exp.test is None:

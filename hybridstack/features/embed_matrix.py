@@ -35,8 +35,8 @@ from hybridstack.features.knn import (
     GroupMap,
     KNNFeatureHead,
     KnnPool,
-    normalize_rows,
 )
+from hybridstack.features.knn_index import normalize_rows
 from hybridstack.features.lengths import log_counts
 from hybridstack.runs import write_with
 from hybridstack.tasks import Dataset, Task
