@@ -18,7 +18,7 @@ from sklearn.base import clone
 from hybridstack.cli import main
 from hybridstack.commands import audit
 from hybridstack.config import config_from_dict, load_config
-from hybridstack.features import knn
+from hybridstack.features import knn, knn_index
 from hybridstack.models import embedded_minilm_path
 from hybridstack.runs import ExperimentDir, write_npy
 from hybridstack.stages import embed
@@ -211,7 +211,7 @@ def test_knn_pool_holding_validation_rows_fails_the_permutation_check(embed_run,
         self.pool_Y_ = np.vstack([Y, Y_val]).astype(np.float32)
         self.prior_ = self.pool_Y_.mean(axis=0)
         self.pool_groups_ = np.full(len(pool), -1, dtype=np.int64)  # no row is ever excluded
-        self.index_ = knn.build_index(self._key_and_groups(pool)[0])
+        self.index_ = knn_index.build_index(self._key_and_groups(pool)[0])
         val = self._with_knn(X_val, self.knn_features(X_val))
         self.base_head_ = clone(self.base_head).fit(self._with_knn(X, self.knn_features(X)), Y, val, Y_val)
         return self
