@@ -36,6 +36,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from source_at import export_source
 
 RESULTS = Path(__file__).parent / "results" / "knn_share.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -81,14 +82,6 @@ def child(args: argparse.Namespace) -> None:
     np.savez(work / "outputs.npz", **{f"{h}_{f}": np.load(runs / h / f"{f}.npy")
                                       for h in HEADS for f in ("oof", "test")})
     print(json.dumps({"seconds": round(seconds, 2)}))
-
-
-def export_source(ref: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hybridstack"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 def run_stage(args: argparse.Namespace, source: Path, workdir: Path) -> dict:

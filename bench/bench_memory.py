@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from source_at import export_source
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -147,15 +148,6 @@ def _all_hashes(cache) -> list[str]:
 CASES = {"cache_gather": case_cache_gather, "naive_concat": case_naive_concat,
          "knn_fit_ivf": case_knn_fit_ivf, "knn_fit_ivf_before": case_knn_fit_ivf}
 PAIRED = ("knn_fit_ivf", "knn_fit_ivf_before")  # (after, before), alternated over the repeats
-
-
-def export_source(ref: str, into: Path) -> Path:
-    """The ``hybridstack`` package as of git ``ref``, written under ``into`` (for PYTHONPATH)."""
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hybridstack"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 def run_case(name: str, root: Path, source: Path) -> dict:

@@ -30,6 +30,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from source_at import export_source
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "tfidf_swap.json"
 
@@ -73,9 +75,7 @@ def run_child(data: Path, work: Path, folds: int, max_iter: int, shape_features:
 def extract_before(ref: str, into: Path) -> str:
     sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
-    archive = subprocess.run(["git", "archive", sha, "hybridstack"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    export_source(sha, into)
     return sha
 
 

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from source_at import export_source
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "token_store.json"
 
@@ -99,11 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scale_data.write("lmsys", tmp / "data", args.rows, n_test=10)
-        before = tmp / "before"
-        before.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "hybridstack"],
-                                 capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        before = export_source(args.before, tmp / "before")
         config = tmp / "lmsys.toml"
         subprocess.run([sys.executable, "-m", "hybridstack", "init", str(tmp / "data"), "--recipe",
                         "lmsys", "-o", str(config)], check=True, capture_output=True)
