@@ -22,11 +22,12 @@ ru_maxrss from wait4) and the bytes it added under runs/ and cache/ (predict: un
   (e5-small-v2's width), written once to <workdir>/models. Encoding on a CPU is not what this
   measures (it is linear and GPU-bound on Kaggle); the cache, kNN, length features, the
   LightGBM and MLP heads and the cache reads are the real ones, at 384 dimensions.
-* finetune: the same tiny BERT as backbone, the recipe's fold 0, max_length, batch size and
-  swap augmentation, at the full train rows but ``finetune.epochs=1``: one pass. FinetuneConfig
-  has no step limit (epochs >= 1, max_train_rows subsamples the fold), so the steps grow with n
-  (0.8 n / batch_size; lmsys x2 for the A/B swap); tokenising, collating and the token-id
-  memory are measured at full size, the model's compute is not.
+* finetune: the same tiny BERT as backbone, with the recipe's fold 0, max_length, batch size
+  and swap augmentation, for a bounded number of steps: ``finetune.epochs=1`` and
+  ``finetune.max_train_rows=--ft-train-rows`` (default 8000: 1000 steps at batch 8, lmsys
+  x2 for the A/B swap). The subsample is drawn after tokenising, so tokenising train and test,
+  the token store and its memory, collation, and predicting the held-out fold and the test
+  are all at full size; the number of training steps is not.
 * the embed heads' iterations are bounded, as the fine-tune's: LightGBM at most ``--lgbm-rounds``
   (default 50; the recipe: up to 2000, early-stopped) on 1 thread, the MLP at most
   ``--mlp-epochs`` (default 10; recipe: up to 100). When to stop is decided by the signal in
@@ -80,7 +81,7 @@ STAGES = ("tfidf", "embed", "finetune", "stack", "predict")
 DEFAULT_SIZES = "10000,20000,40000,80000,160000"
 DEFAULT_WORKDIR = Path("/tmp/hybridstack-bench-scale")
 POLL_S = 0.1
-BENCH_VERSION = 1  # bump when a rung's numbers would no longer compare with older rungs'
+BENCH_VERSION = 2  # bump when a rung's numbers would no longer compare with older rungs'
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "max_position_embeddings": 512, "output_dim": 384, "tokenizer": "embedded:minilm", "seed": 0}
 # --set overrides of the recipe, besides the two model folders and the head bounds (flags)
@@ -196,7 +197,8 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
-    return [*OVERRIDES, f"embed.lgbm.n_estimators={args.lgbm_rounds}",
+    return [*OVERRIDES, f"finetune.max_train_rows={args.ft_train_rows}",
+            f"embed.lgbm.n_estimators={args.lgbm_rounds}",
             f"embed.mlp.max_epochs={args.mlp_epochs}"]
 
 
@@ -340,7 +342,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7, ncol=2)
     fig.suptitle("hybridstack stages vs train rows (jigsaw solid, lmsys dashed; tiny encoder and "
-                 "backbone, 1 fine-tune epoch)", fontsize=9)
+                 "backbone, a bounded number of fine-tune steps)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -381,6 +383,13 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
+def ladder(dataset: str, sizes: list[int]) -> list[int]:
+    """``sizes`` with every rung above the competition's train rows replaced by that size
+    (LMSYS has 57,477: the default ladder's 80k and 160k both become one full-size rung)."""
+    full = scale_data.competition_train_rows(dataset)
+    return sorted({min(n, full) for n in sizes})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes(DEFAULT_SIZES),
@@ -397,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="embed.lgbm.n_estimators (recipe: up to 2000, early-stopped; default 50)")
     parser.add_argument("--mlp-epochs", type=int, default=10,
                         help="embed.mlp.max_epochs (recipe: up to 100, early-stopped; default 10)")
+    parser.add_argument("--ft-train-rows", type=int, default=8000,
+                        help="finetune.max_train_rows: the fine-tune's bounded steps (default 8000 rows)")
     parser.add_argument("--force", action="store_true", help="rerun finished rungs too")
     args = parser.parse_args(argv)
     args.workdir = args.workdir.resolve()
@@ -409,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     rungs: dict[str, list[dict]] = {d: [] for d in args.datasets}
     failed = []
     for dataset in args.datasets:
-        for n in args.sizes:
+        for n in ladder(dataset, args.sizes):
             path = rung_path(args.out, dataset, n)
             record = None if args.force else load_rung(path, want)
             if record is not None:

@@ -79,6 +79,11 @@ _SPLIT = re.compile(r"((?<=[.!?])[ \t]+|[ \t]*\n\s*)")
 _MAX_TRIES = 50
 
 
+def competition_train_rows(kind: str) -> int:
+    """The real competition's train rows (the full-size rung of the ladder)."""
+    return JIGSAW_TRAIN if kind == "jigsaw" else LMSYS_TRAIN
+
+
 def test_rows_for(kind: str, n_train: int) -> int:
     """Test rows in the competition's ratio to ``n_train`` train rows."""
     train, test = (JIGSAW_TRAIN, JIGSAW_TEST) if kind == "jigsaw" else (LMSYS_TRAIN, LMSYS_TEST)
