@@ -45,12 +45,13 @@ Then it fits each stage's growth exponent (least squares of log seconds on log n
 and prints the table. The ladder is resumable: each finished rung writes
 <OUT's folder>/<OUT's stem>_rungs/<dataset>-<n>.json (with the bench settings it ran with),
 and a re-run skips every rung whose JSON has the same settings (``--force`` reruns them), so
-the ladder can be completed across several sittings. A failed stage is recorded in the rung's
+the ladder can be completed across several sittings (``--no-run`` only rebuilds OUT and the
+plot from the finished rungs). A failed stage is recorded in the rung's
 JSON (command, exit code, log tail) and the rung is retried on the next run.
 
     python bench/bench_scale.py [--sizes 10000,20000,40000,80000,160000] [--datasets jigsaw lmsys]
         [--out bench/results/scale.json] [--workdir /tmp/hybridstack-bench-scale] [--keep-work]
-        [--repeat-prompts 0.0] [--seed 0] [--force]
+        [--repeat-prompts 0.0] [--seed 0] [--force | --no-run]
     make bench-scale [SIZES=10000,20000] [OUT=path.json]
 
 CI smoke: ``--sizes 1000,2000 --out /tmp/scale-smoke.json``. Measured: ~18 CPU-minutes (jigsaw
@@ -409,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ft-train-rows", type=int, default=8000,
                         help="finetune.max_train_rows: the fine-tune's bounded steps (default 8000 rows)")
     parser.add_argument("--force", action="store_true", help="rerun finished rungs too")
+    parser.add_argument("--no-run", action="store_true",
+                        help="run nothing: rebuild OUT and the plot from the finished rungs' JSON "
+                             "(exit 1 if one of the ladder's rungs has not finished)")
     args = parser.parse_args(argv)
+    if args.force and args.no_run:
+        parser.error("--force reruns finished rungs and --no-run runs none: pick one")
     args.workdir = args.workdir.resolve()
     if args.workdir.is_relative_to(ROOT):
         parser.error(f"--workdir {args.workdir} is inside the repository; use a folder under /tmp")
@@ -425,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             record = None if args.force else load_rung(path, want)
             if record is not None:
                 print(f"{dataset} n={n}: finished earlier ({path}), skipped", flush=True)
+            elif args.no_run:
+                failed.append(f"{dataset} n={n}: not finished (no {path} with these settings)")
+                continue
             else:
                 print(f"{dataset} n={n} ({scale_data.test_rows_for(dataset, n)} test rows) in "
                       f"{args.workdir / dataset / f'n{n}'}", flush=True)
