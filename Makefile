@@ -31,9 +31,22 @@ bench:
 SIZES ?= 10000,20000,40000,80000,160000
 OUT ?= bench/results/scale.json
 
-.PHONY: bench-scale
+.PHONY: bench-scale bench-scale-smoke
 bench-scale:
 	$(PYTHON) bench/bench_scale.py --sizes $(SIZES) --out $(OUT)
+
+# CI: the ladder's machinery on both datasets at 1,000 and 2,000 rows, with 3 folds and
+# smaller TF-IDF vocabularies, sequences and head bounds (~5 minutes on 2 cores), then
+# resumed: --no-run must find every rung finished and rebuild the summary from their JSON.
+SMOKE_DIR ?= /tmp/hybridstack-scale-smoke
+SMOKE_ARGS = --sizes 1000,2000 --out $(SMOKE_DIR)/scale.json --workdir $(SMOKE_DIR)/work \
+	--lgbm-rounds 10 --mlp-epochs 3 --ft-train-rows 400 --set cv.n_splits=3 \
+	--set tfidf.max_word_features=20000 --set tfidf.max_char_features=20000 \
+	--set embed.max_seq_length=128 --set finetune.max_length=128
+bench-scale-smoke:
+	rm -rf $(SMOKE_DIR)
+	$(PYTHON) bench/bench_scale.py $(SMOKE_ARGS)
+	$(PYTHON) bench/bench_scale.py $(SMOKE_ARGS) --no-run
 
 kaggle-rehearsal:  ## slow (~10 min): the README's Kaggle notebook on a CPU under a fake /kaggle; CI runs it
 	$(PYTHON) scripts/kaggle_rehearsal.py

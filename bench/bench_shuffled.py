@@ -10,7 +10,7 @@ different permutations and reports, per model, the mean reported CV, its standar
 over shuffles and the standard error of the mean. The texts are the same in every shuffle,
 so the embedding cache is shared and only the first shuffle encodes.
 
-    python bench/bench_shuffled.py [--rows 4000] [--shuffles 8]
+    python bench/bench_shuffled.py [--rows 4000] [--shuffles 8] [--workdir /tmp/shuffled]
 
 writes bench/results/shuffled.json. Needs ../shared/data/jigsaw-toxic-10k.
 """
@@ -40,14 +40,15 @@ CHANCE = 0.5
 
 
 def shuffled_config(workdir: Path, train: Path, seed: int) -> dict:
-    """The honest-scores test's pipeline (plus NB-SVM, which init adds for multilabel)."""
+    """The honest-scores test's pipeline (plus NB-SVM, which init adds for multilabel); LightGBM
+    on 1 thread, so a busy second core does not stall its OpenMP barrier."""
     return {
         "experiment": f"shuffle{seed}", "workdir": str(workdir),
         "task": {"kind": "multilabel", "text_columns": ["comment_text"]},
         "data": {"train": str(train)},
         "tfidf": {"max_word_features": 20000, "max_char_features": 20000, "nbsvm": [{}]},
         "embed": {"model": "embedded:minilm", "prefix": "", "max_seq_length": 128,
-                  "lgbm": [{"learning_rate": 0.1, "num_threads": 2}], "mlp": [{}]},
+                  "lgbm": [{"learning_rate": 0.1, "num_threads": 1}], "mlp": [{}]},
         "finetune": {"enabled": False},
     }
 
@@ -78,13 +79,17 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--shuffles", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the runs here (default: a temporary folder); a re-run in the "
+                             "same folder refits only what changed, e.g. the stack")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     frame = pd.read_csv(DATA, dtype=str, keep_default_na=False).head(args.rows)
     labels = frame[JIGSAW_LABELS].to_numpy()
     per_shuffle, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-shuffled-") as tmp:
-        workdir = Path(tmp)  # one cache/ for every shuffle: same texts, encoded once
+        workdir = args.workdir or Path(tmp)  # one cache/ for every shuffle: same texts, encoded once
+        workdir.mkdir(parents=True, exist_ok=True)
         for seed in range(args.shuffles):
             shuffled = frame.copy()
             # the same permutation as the test for seed 0

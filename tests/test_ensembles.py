@@ -10,7 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from hybridstack.ensembles import make_stacker
 from hybridstack.ensembles.inputs import StackInput
-from hybridstack.ensembles.meta import LGBMMeta, LogRegMeta, SelectModel
+from hybridstack.ensembles.meta import LGBMMeta, LogRegMeta, NonNegativeLogReg, SelectModel
 from hybridstack.ensembles.nested import (
     SINGLE_PREFIX,
     NestedResult,
@@ -313,7 +313,7 @@ def test_a_memorising_candidate_never_wins_the_outer_selection():
 def test_frozen_meta_models_keep_the_settings_their_inner_cv_chose():
     X, Y = multilabel_inputs()
     logreg = LogRegMeta().fit(X, Y)
-    assert logreg.frozen().C == [float(m[-1].C_) for m in logreg.models_]
+    assert logreg.frozen().C == [m.C_ for m in logreg.models_]
     lgbm = LGBMMeta().fit(X, Y)
     assert lgbm.frozen().rounds == [b.current_iteration() for b in lgbm.models_]
     for fitted in (logreg, lgbm):  # a plain fit with those settings: (nearly) the same model
@@ -346,3 +346,48 @@ def test_meta_models_inner_cv_keeps_a_groups_rows_together():
     Y = np.eye(3, dtype=np.float32)[y]
     for meta in (LogRegMeta(), LGBMMeta()):  # fit with grouped inner CV without complaint
         assert meta.fit(X, Y).predict_proba(X).shape == (120, 3)
+
+
+def flipped_inputs(seed: int = 0) -> tuple[StackInput, np.ndarray]:
+    """Model 0 sees the labels; model 1 is model 0's signal upside down plus noise: a stacker
+    free to weigh it negatively gains from it, as it would from a chance anti-correlation."""
+    X, Y = multilabel_inputs(seed, noise=(2.0, 2.0, 3.0))
+    probs = X.probs.copy()
+    probs[:, 1, :] = 1 - probs[:, 1, :]
+    return StackInput(probs, multilabel=True), Y
+
+
+def test_non_negative_logreg_drops_a_column_that_counts_against_the_label():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=2000)
+    y = (signal + rng.normal(size=2000) > 0).astype(float)
+    X = np.column_stack([signal + rng.normal(size=2000), -signal + rng.normal(size=2000)])
+    def make():
+        return make_pipeline(StandardScaler(), LogisticRegression())
+    free = make().fit(X, y)[-1].coef_[0]
+    assert free[0] > 0 and free[1] < 0  # unconstrained, the flipped column is used
+    model = NonNegativeLogReg(make).fit(X, y)
+    assert model.coef_[0, 0] > 0 and model.coef_[0, 1] == 0
+    assert model.predict_proba(X).shape == (2000, 2)
+    # every column against the label: nothing is used, the base rate is predicted
+    only_flipped = NonNegativeLogReg(make).fit(X[:, 1:], y)
+    np.testing.assert_allclose(only_flipped.predict_proba(X[:, 1:])[:, 1], y.mean())
+
+
+def test_multilabel_meta_models_cannot_turn_a_model_upside_down():
+    X, Y = flipped_inputs()
+    logreg = LogRegMeta().fit(X, Y)
+    for m in logreg.models_:  # no coefficient on any label's logit is negative
+        assert (m.coef_ >= 0).all()
+    # the flipped model's own-label logits are never used
+    own = np.array([m.coef_[0, K + j] for j, m in enumerate(logreg.models_)])
+    assert (own == 0).all()
+    lgbm = LGBMMeta().fit(X, Y)
+    # raising the flipped model's probabilities never lowers a prediction (unconstrained,
+    # the trees learn that it should)
+    up = StackInput(np.clip(X.probs + np.array([0, 0.05, 0])[None, :, None], 0, 1), multilabel=True)
+    assert (lgbm.predict_proba(up) >= lgbm.predict_proba(X) - 1e-6).all()

@@ -173,10 +173,17 @@ def _fold_error(model: ModelDir, detail: str) -> HybridstackError:
         f"({detail}); re-run its stage")
 
 
+# Bumped when the same inputs would give another stack: a stack folder of an older version is
+# refitted. 2: multilabel meta-models constrained to rise with every base logit.
+STACKER_VERSION = "2"
+
+
 def stack_config_hash(exp: Experiment, bases: list[BaseModel]) -> str:
-    """The stack's DONE hash: data + [stack] settings + which base models, in which versions."""
+    """The stack's DONE hash: data + [stack] settings + which base models, in which versions
+    + the stackers' version."""
     members = json.dumps([[b.name, b.done_hash] for b in bases])
-    return hashlib.sha256((exp.stage_hash("stack") + members).encode()).hexdigest()[:16]
+    blob = exp.stage_hash("stack") + members + STACKER_VERSION
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- folds and candidates ---------------------------------------------------------------------
