@@ -173,16 +173,17 @@ def _fold_error(model: ModelDir, detail: str) -> HybridstackError:
         f"({detail}); re-run its stage")
 
 
-# Bumped when the same inputs would give another stack: a stack folder of an older version is
-# refitted. 2: multilabel meta-models constrained to rise with every base logit.
-STACKER_VERSION = "2"
+# Added to the hash when the same inputs of a task kind would give another stack, so that an
+# older stack folder is refitted (and no other kind's): multilabel meta-models constrained to
+# rise with every base logit.
+STACKER_CHANGES = {"multilabel": "non-negative meta-models"}
 
 
 def stack_config_hash(exp: Experiment, bases: list[BaseModel]) -> str:
     """The stack's DONE hash: data + [stack] settings + which base models, in which versions
-    + the stackers' version."""
+    (+ the stackers' changes for this task kind)."""
     members = json.dumps([[b.name, b.done_hash] for b in bases])
-    blob = exp.stage_hash("stack") + members + STACKER_VERSION
+    blob = exp.stage_hash("stack") + members + STACKER_CHANGES.get(exp.task.kind, "")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
