@@ -33,6 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,22 @@ RESULTS = ROOT / "bench" / "results"
 PAIRWISE_LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 
 
+@dataclass(frozen=True)
 class Dataset:
     """What differs between the two benchmarks: the data, its labels, the task and chance."""
 
-    def __init__(self, name: str, folder: str, labels: list[str], task: dict, tfidf: dict,
-                 max_seq_length: int, result: str, metric: str):
-        self.name, self.folder, self.labels, self.task = name, folder, labels, task
-        self.tfidf, self.max_seq_length, self.result, self.metric = tfidf, max_seq_length, result, metric
-        self.higher_is_better = name == "jigsaw"
+    name: str
+    folder: str
+    labels: list[str]
+    task: dict
+    tfidf: dict
+    max_seq_length: int
+    result: str
+    metric: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.name == "jigsaw"  # ROC-AUC; pairwise is log loss
 
     def chance(self, labels: np.ndarray) -> float:
         """The score of a model that knows nothing: ROC-AUC 0.5, or (log loss) the entropy
