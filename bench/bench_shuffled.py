@@ -39,14 +39,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hybridstack.config import JIGSAW_LABELS, config_from_dict
+from hybridstack.config import JIGSAW_LABELS, PAIRWISE_LABELS, config_from_dict
 from hybridstack.pipeline import run_pipeline
 from hybridstack.runs import ExperimentDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
-PAIRWISE_LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hybridstack.config import JIGSAW_LABELS, config_from_dict
+from hybridstack.config import JIGSAW_LABELS, PAIRWISE_LABELS, config_from_dict
 from hybridstack.pipeline import run_pipeline
 from hybridstack.runs import ExperimentDir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PAIRWISE_LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 # One shuffle's 6-label mean AUC over 4000 rows varies by ~0.02 from shuffle to shuffle (the
 # rare labels swing most), so "within 0.01 of chance" is a claim about the mean over many
 # shuffles: bench/bench_shuffled.py. One-sided here: a leak shows as skill; this shuffle puts
