@@ -68,10 +68,15 @@ def test_tfidf_extras_follow_the_cv_measurements(tmp_path, no_reference_models, 
     assert raw["tfidf"]["nbsvm"] == [{"name": "tfidf_nbsvm"}]
     assert "+ NB-SVM" in capsys.readouterr().out
     assert [m.name for m in load_config(tmp_path / "cfg.toml").tfidf.nbsvm] == ["tfidf_nbsvm"]
+    assert "models" not in raw["tfidf"]  # the default logistic regression, C = 4
     for kind in ("multiclass", "pairwise"):
         write_competition(tmp_path / kind, kind, 30, 10)
         raw = _init(tmp_path, tmp_path / kind, "--no-gpu", output=f"{kind}.toml")
         assert "nbsvm" not in raw["tfidf"]
+    # pairwise: the calibrated C that won on llmeval2-pairwise's CV; multiclass keeps C = 4
+    assert [(m.name, m.C) for m in load_config(tmp_path / "pairwise.toml").tfidf.models] == [
+        ("tfidf_logreg", 0.25)]
+    assert [m.C for m in load_config(tmp_path / "multiclass.toml").tfidf.models] == [4.0]
 
 
 def test_generic_csv_is_multiclass(tmp_path, no_reference_models):

@@ -48,6 +48,7 @@ def test_lmsys_recipe_holds_the_seed_settings():
     assert (ft["label_smoothing"], ft["weight_decay"], ft["dropout"]) == (0.08, 0.03, 0.2)
     assert "attention_dropout" not in ft  # the checkpoint's
     assert (ft["epochs"], ft["patience"], ft["seed"], ft["folds"]) == (5, 2, 42, [0])
+    assert load_recipe("lmsys").sections["tfidf"]["models"] == [{"name": "tfidf_logreg", "C": 0.25}]
 
 
 def test_jigsaw_recipe_holds_the_cleanspeech_settings():
