@@ -325,9 +325,10 @@ def _embed_section(embed_model: str) -> dict[str, Any]:
 # level-1 stack from 0.9538 to 0.9559 (nested CV mean ROC-AUC, 8,000 rows). pairwise: C = 0.25
 # instead of 4: llmeval2-pairwise's TF-IDF CV log loss 0.9160 against 0.9841 (C = 1: 0.9282,
 # 0.1: 0.9308; 2,046 rows), its stack 0.8851 against 0.8853 (the stacker had calibrated the
-# overconfident model), and lbfgs converges in fewer iterations (the stage 78 s against
-# 147 s; at the full LMSYS size 3,469 s against 4,828 s). tfidf.shape_features made the pairwise TF-IDF model worse (0.9921 vs 0.9841 at
-# C = 4; the embed heads already see the lengths), so it stays off. Multiclass: no measurement.
+# overconfident model), and lbfgs converges sooner (the stage 78 s against 147 s; at the
+# full LMSYS size 3,469 s against 4,828 s). tfidf.shape_features made the pairwise TF-IDF
+# model worse (0.9921 vs 0.9841 at C = 4; the embed heads already see the lengths), so it
+# stays off. Multiclass: nothing measured, the default C = 4.
 PAIRWISE_TFIDF_C = 0.25
 TFIDF_EXTRAS: dict[str, tuple[dict[str, Any], str]] = {
     "multilabel": ({"nbsvm": [{"name": "tfidf_nbsvm"}]},
