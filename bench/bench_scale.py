@@ -71,6 +71,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -229,6 +230,9 @@ def run_rung(dataset: str, n: int, args: argparse.Namespace, models: tuple[Path,
             record["failed"] = {"stage": f"init ({name})", "rc": init.returncode,
                                 "log_tail": f"wanted {want!r}\n" + (init.stdout + init.stderr)[-3000:]}
             return record
+    # what the numbers also depend on, read back from the config that runs (older rungs lack it:
+    # the LMSYS ladder's TF-IDF ran at the recipe's C = 4, README "Scale")
+    record["tfidf_models"] = tomllib.loads(config.read_text()).get("tfidf", {}).get("models")
     backbone, encoder = models
     sets = [a for item in [f"embed.model={encoder}", f"finetune.model={backbone}", *overrides(args)]
             for a in ("--set", item)]
