@@ -62,17 +62,22 @@ def test_jigsaw_layout_is_multilabel(tmp_path, no_reference_models):
 
 
 def test_tfidf_extras_follow_the_cv_measurements(tmp_path, no_reference_models, capsys):
-    """NB-SVM is added where it raised the stack's CV (Jigsaw-shaped multilabel), not elsewhere."""
+    """NB-SVM, shape features and a class-balanced logistic regression are added where they
+    raised the stack's CV (Jigsaw-shaped multilabel), not elsewhere."""
     write_competition(tmp_path / "jigsaw", "multilabel", 30, 10)
     raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
     assert raw["tfidf"]["nbsvm"] == [{"name": "tfidf_nbsvm"}]
-    assert "+ NB-SVM" in capsys.readouterr().out
-    assert [m.name for m in load_config(tmp_path / "cfg.toml").tfidf.nbsvm] == ["tfidf_nbsvm"]
-    assert "models" not in raw["tfidf"]  # the default logistic regression, C = 4
+    assert "NB-SVM" in capsys.readouterr().out
+    multilabel = load_config(tmp_path / "cfg.toml").tfidf
+    assert [m.name for m in multilabel.nbsvm] == ["tfidf_nbsvm"]
+    assert multilabel.shape_features
+    assert [(m.name, m.C, m.class_weight) for m in multilabel.models] == [
+        ("tfidf_logreg", 4.0, None), ("tfidf_logreg_balanced", 4.0, "balanced")]
     for kind in ("multiclass", "pairwise"):
         write_competition(tmp_path / kind, kind, 30, 10)
         raw = _init(tmp_path, tmp_path / kind, "--no-gpu", output=f"{kind}.toml")
         assert "nbsvm" not in raw["tfidf"]
+        assert not load_config(tmp_path / f"{kind}.toml").tfidf.shape_features
     # pairwise: the calibrated C that won on llmeval2-pairwise's CV; multiclass keeps C = 4
     assert [(m.name, m.C) for m in load_config(tmp_path / "pairwise.toml").tfidf.models] == [
         ("tfidf_logreg", 0.25)]
