@@ -188,6 +188,8 @@ def test_models_fall_back_to_embedded_with_cpu_recipe(tmp_path, no_reference_mod
     raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
     assert raw["embed"] == {"model": "embedded:minilm", "prefix": "", "max_seq_length": 256}
     assert raw["finetune"] == {"model": "embedded:minilm", **scaffold.CPU_FINETUNE}
+    # every fold, so the stacker weighs the fine-tune on all rows (it raised both stacks' CV)
+    assert load_config(tmp_path / "cfg.toml").finetune.folds is None
     out = capsys.readouterr().out
     assert "intfloat/e5-small-v2 is not available offline" in out
     assert "no GPU -> sized to finish in minutes" in out
