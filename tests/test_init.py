@@ -187,12 +187,19 @@ def test_models_fall_back_to_embedded_with_cpu_recipe(tmp_path, no_reference_mod
     write_competition(tmp_path / "jigsaw", "multilabel", 30, 10)
     raw = _init(tmp_path, tmp_path / "jigsaw", "--no-gpu")
     assert raw["embed"] == {"model": "embedded:minilm", "prefix": "", "max_seq_length": 256}
-    assert raw["finetune"] == {"model": "embedded:minilm", **scaffold.CPU_FINETUNE}
+    # multilabel trains longer on more rows (it raised the Jigsaw stack's CV)
+    assert raw["finetune"] == {"model": "embedded:minilm", **scaffold.CPU_FINETUNE,
+                               "epochs": 2, "max_train_rows": 6000}
     # every fold, so the stacker weighs the fine-tune on all rows (it raised both stacks' CV)
     assert load_config(tmp_path / "cfg.toml").finetune.folds is None
     out = capsys.readouterr().out
     assert "intfloat/e5-small-v2 is not available offline" in out
     assert "no GPU -> sized to finish in minutes" in out
+    assert "epochs=2, max_train_rows=6000" in out
+    for kind in ("multiclass", "pairwise"):  # not measured there: the one-epoch recipe
+        write_competition(tmp_path / kind, kind, 30, 10)
+        raw = _init(tmp_path, tmp_path / kind, "--no-gpu", output=f"{kind}.toml")
+        assert raw["finetune"] == {"model": "embedded:minilm", **scaffold.CPU_FINETUNE}
 
 
 def test_reference_models_and_gpu_recipe_when_available(tmp_path, monkeypatch):
